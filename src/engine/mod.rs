@@ -1,0 +1,237 @@
+//! The engine: one scheduler thread owns the model and runs continuous
+//! batching. Callers submit a request and read its events from a channel;
+//! dropping the receiver cancels the request at the next step.
+
+pub mod sampling;
+mod scheduler;
+pub mod stop;
+
+use crate::model::LoadedModel;
+use crate::tokenizer::Tokenizer;
+pub use sampling::{SamplingParams, TokenLogprob};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Longest sequence (prompt + output) in tokens.
+    pub max_context: usize,
+    /// Prompt tokens prefilled per step (long prompts are chunked).
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_context: 2048,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Report log-probabilities of the prompt's tokens with this many alternatives.
+    pub prompt_logprobs: Option<usize>,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            ignore_eos: false,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or stop string.
+    Stop,
+    /// max_tokens or the context limit.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Log-probabilities of the prompt tokens (the first has none).
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    /// A generated token and the text it released (may be empty while a
+    /// multi-byte character or a possible stop string is pending).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Done {
+        reason: FinishReason,
+        /// Text released at the end (held back until then).
+        tail: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context holds {context}; shorten it")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("token id {0} is outside the vocabulary")]
+    InvalidToken(u32),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live counts, readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub last_batch: AtomicUsize,
+}
+
+/// Runs `f` on a worker of a rayon pool with one thread per core, so the
+/// scheduler takes part in its own parallel matmuls instead of sleeping
+/// while other threads do them (a wake-up per matmul costs more than the
+/// matmul at batch 1).
+fn run_on_compute_pool(f: impl FnOnce() + Send) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("steerling-compute-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
+pub(crate) struct Submission {
+    pub request: GenerateRequest,
+    pub events: UnboundedSender<Event>,
+}
+
+/// A handle to the scheduler thread; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Submission>,
+    tokenizer: Arc<Tokenizer>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+    vocab_size: usize,
+    model_name: String,
+}
+
+impl Engine {
+    /// Starts the scheduler thread, which takes the model.
+    pub fn start(loaded: LoadedModel, mut config: EngineConfig) -> Self {
+        config.max_context = config.max_context.min(loaded.model.max_positions());
+        config.max_batch = config.max_batch.max(1);
+        config.prefill_chunk = config.prefill_chunk.max(1);
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let stats = Arc::new(EngineStats::default());
+        let (tx, rx) = mpsc::channel();
+        let vocab_size = loaded.model.config.vocab_size;
+        let scheduler = scheduler::Scheduler::new(
+            loaded.model,
+            tokenizer.clone(),
+            config.clone(),
+            stats.clone(),
+        );
+        std::thread::Builder::new()
+            .name("steerling-engine".into())
+            .spawn(move || run_on_compute_pool(move || scheduler.run(rx)))
+            .expect("cannot spawn the engine thread");
+        Self {
+            tx,
+            tokenizer,
+            stats,
+            config,
+            vocab_size,
+            model_name: loaded.name,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn running(&self) -> usize {
+        self.stats.running.load(Ordering::Relaxed)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.stats.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Queues a request; its events arrive on the returned channel.
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if request.prompt.len() >= self.config.max_context {
+            return Err(SubmitError::PromptTooLong {
+                prompt: request.prompt.len(),
+                context: self.config.max_context,
+            });
+        }
+        if let Some(&bad) = request
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(SubmitError::InvalidToken(bad));
+        }
+        let (events, rx) = unbounded_channel();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Submission { request, events })
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(rx)
+    }
+}

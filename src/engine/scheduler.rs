@@ -1,0 +1,292 @@
+//! The scheduler loop: admit waiting sequences, plan a step (one token for
+//! each decoding sequence, prompt chunks for the rest within a token
+//! budget), run it as one batched forward, sample, and stream events.
+
+use super::sampling::{logprob_of, Sampler, TokenLogprob};
+use super::stop::StopMatcher;
+use super::{EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, Submission};
+use crate::model::{KvCache, Logits, Model, Segment};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use tokio::sync::mpsc::UnboundedSender;
+
+struct Sequence {
+    request: GenerateRequest,
+    events: UnboundedSender<Event>,
+    cache: KvCache,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens already in the cache.
+    fed: usize,
+    prompt_len: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    finished: bool,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn finish(&mut self, tokenizer: &Tokenizer, reason: FinishReason) {
+        let mut tail = String::new();
+        if reason == FinishReason::Length {
+            let rest = self.decoder.flush(tokenizer).unwrap_or_default();
+            let (text, hit) = self.stop.push(&rest);
+            tail = text;
+            if !hit {
+                tail += &self.stop.flush();
+            }
+        }
+        let _ = self.events.send(Event::Done {
+            reason,
+            tail,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
+        });
+        self.finished = true;
+    }
+}
+
+/// One sequence's share of a step.
+struct Planned {
+    index: usize,
+    rows: usize,
+    logits: Logits,
+}
+
+pub(crate) struct Scheduler {
+    model: Model,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence>,
+}
+
+impl Scheduler {
+    pub fn new(
+        model: Model,
+        tokenizer: Arc<Tokenizer>,
+        config: EngineConfig,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            config,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    pub fn run(mut self, rx: mpsc::Receiver<Submission>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.admit();
+            self.running.retain(|s| !s.events.is_closed());
+            self.publish_counts();
+            if !self.running.is_empty() {
+                self.step();
+                self.running.retain(|s| !s.finished);
+            }
+        }
+    }
+
+    fn publish_counts(&self) {
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch {
+            let Some(Submission { request, events }) = self.waiting.pop_front() else {
+                break;
+            };
+            if events.is_closed() {
+                continue;
+            }
+            let prompt_len = request.prompt.len();
+            self.running.push(Sequence {
+                sampler: Sampler::new(request.sampling.clone(), &request.prompt),
+                tokens: request.prompt.clone(),
+                stop: StopMatcher::new(request.stop.clone()),
+                request,
+                events,
+                cache: self.model.new_cache(),
+                fed: 0,
+                prompt_len,
+                decoder: StreamDecoder::new(),
+                prompt_logprobs: vec![None],
+                finished: false,
+            });
+        }
+    }
+
+    /// Decoding sequences get one row each; prompts share what is left of
+    /// the token budget, oldest first.
+    fn plan(&self) -> Vec<Planned> {
+        let mut budget = self.config.prefill_chunk.max(self.running.len());
+        let mut plan = Vec::new();
+        for (index, seq) in self.running.iter().enumerate() {
+            if seq.fed >= seq.prompt_len {
+                plan.push(Planned {
+                    index,
+                    rows: 1,
+                    logits: Logits::Last,
+                });
+                budget -= 1;
+            }
+        }
+        for (index, seq) in self.running.iter().enumerate() {
+            if seq.fed >= seq.prompt_len || budget == 0 {
+                continue;
+            }
+            let rows = (seq.prompt_len - seq.fed).min(budget);
+            budget -= rows;
+            let completes = seq.fed + rows == seq.prompt_len;
+            let logits = match (seq.request.prompt_logprobs.is_some(), completes) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            plan.push(Planned {
+                index,
+                rows,
+                logits,
+            });
+        }
+        plan.sort_by_key(|p| p.index);
+        plan
+    }
+
+    fn step(&mut self) {
+        let plan = self.plan();
+        self.stats.last_batch.store(plan.len(), Ordering::Relaxed);
+        let outputs = match self.forward(&plan) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "engine step failed");
+                for p in &plan {
+                    let seq = &mut self.running[p.index];
+                    let _ = seq
+                        .events
+                        .send(Event::Error(format!("generation failed: {e}")));
+                    seq.finished = true;
+                }
+                return;
+            }
+        };
+        for (p, logits) in plan.iter().zip(outputs) {
+            let seq = &mut self.running[p.index];
+            let start = seq.fed;
+            seq.fed += p.rows;
+            if let Err(e) = self.consume(p, start, logits) {
+                let seq = &mut self.running[p.index];
+                let _ = seq
+                    .events
+                    .send(Event::Error(format!("generation failed: {e}")));
+                seq.finished = true;
+            }
+        }
+    }
+
+    fn forward(&mut self, plan: &[Planned]) -> anyhow::Result<Vec<Vec<Vec<f32>>>> {
+        let model = &self.model;
+        let mut segments = Vec::with_capacity(plan.len());
+        let mut next = plan.iter().peekable();
+        for (index, seq) in self.running.iter_mut().enumerate() {
+            let Some(p) = next.next_if(|p| p.index == index) else {
+                continue;
+            };
+            let embeds = model.embed_tokens(&seq.tokens[seq.fed..seq.fed + p.rows])?;
+            segments.push(Segment {
+                embeds,
+                cache: &mut seq.cache,
+                lora: None,
+                extra_head: None,
+                logits: p.logits,
+            });
+        }
+        let logits = model.forward(&mut segments)?;
+        logits
+            .into_iter()
+            .map(|t| {
+                if t.elem_count() == 0 {
+                    Ok(Vec::new())
+                } else {
+                    Ok(t.to_vec2::<f32>()?)
+                }
+            })
+            .collect()
+    }
+
+    /// Handles one sequence's logits: prompt log-probabilities, then the
+    /// next token if the whole prompt is in.
+    fn consume(&mut self, p: &Planned, start: usize, rows: Vec<Vec<f32>>) -> anyhow::Result<()> {
+        let tokenizer = self.tokenizer.clone();
+        let max_context = self.config.max_context;
+        let seq = &mut self.running[p.index];
+        if let (Some(n), Logits::All) = (seq.request.prompt_logprobs, p.logits) {
+            for (i, row) in rows.iter().enumerate() {
+                let target = start + i + 1;
+                if target < seq.prompt_len {
+                    seq.prompt_logprobs
+                        .push(Some(logprob_of(row, seq.tokens[target], n)));
+                }
+            }
+            if seq.fed == seq.prompt_len {
+                let lps = std::mem::take(&mut seq.prompt_logprobs);
+                let _ = seq.events.send(Event::PromptLogprobs(lps));
+            }
+        }
+        if seq.fed < seq.tokens.len() {
+            return Ok(());
+        }
+        if seq.request.max_tokens == 0 {
+            seq.finish(&tokenizer, FinishReason::Length);
+            return Ok(());
+        }
+        let Some(mut last) = rows.into_iter().last() else {
+            return Ok(());
+        };
+        let (token, logprob) = seq.sampler.sample(&mut last);
+        seq.tokens.push(token);
+        let is_eos = tokenizer.eos.contains(&token) && !seq.request.ignore_eos;
+        if is_eos {
+            seq.finish(&tokenizer, FinishReason::Stop);
+            return Ok(());
+        }
+        let delta = seq.decoder.push(&tokenizer, token)?;
+        let (text, hit) = seq.stop.push(&delta);
+        let _ = seq.events.send(Event::Token {
+            id: token,
+            text,
+            logprob,
+        });
+        if hit {
+            seq.finish(&tokenizer, FinishReason::Stop);
+        } else if seq.generated() >= seq.request.max_tokens || seq.tokens.len() >= max_context {
+            seq.finish(&tokenizer, FinishReason::Length);
+        }
+        Ok(())
+    }
+}

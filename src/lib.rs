@@ -1,0 +1,9 @@
+//! steerling: an OpenAI-compatible inference server that steers, and proves,
+//! the distribution of its outputs across requests.
+
+pub mod cli;
+pub mod engine;
+pub mod fetch;
+pub mod model;
+pub mod testing;
+pub mod tokenizer;

@@ -1,0 +1,141 @@
+//! Projections (q/k/v/o/gate/up/down and the head): a quantized or dense
+//! weight, an optional bias, and the LoRA delta an adapter may attach.
+
+use anyhow::Result;
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+/// The seven projections of a decoder layer, in a fixed order so adapters can
+/// index them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProjKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl ProjKind {
+    pub const ALL: [ProjKind; 7] = [
+        ProjKind::Q,
+        ProjKind::K,
+        ProjKind::V,
+        ProjKind::O,
+        ProjKind::Gate,
+        ProjKind::Up,
+        ProjKind::Down,
+    ];
+
+    /// The Hugging Face name (`q_proj` …), used in adapter files and settings.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            ProjKind::Q => "q_proj",
+            ProjKind::K => "k_proj",
+            ProjKind::V => "v_proj",
+            ProjKind::O => "o_proj",
+            ProjKind::Gate => "gate_proj",
+            ProjKind::Up => "up_proj",
+            ProjKind::Down => "down_proj",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.hf_name() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A weight matrix of shape (out, in), stored as the checkpoint gave it.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// GGUF block-quantized (or f16/f32 GGUF tensors, which candle keeps dense).
+    Quantized(QMatMul),
+    /// GGUF Q4_1 or Q8_0, through our batched SIMD kernels.
+    Blocks(super::qmatmul::QMatrix),
+    /// f32, from safetensors.
+    Dense(Tensor),
+}
+
+impl Weight {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Quantized(w) => w.forward(x)?,
+            Weight::Blocks(w) => w.forward(x)?,
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+        })
+    }
+
+    /// The weight as a dense f32 (out, in) tensor.
+    pub fn to_dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.to_dtype(candle_core::DType::F32)?
+            }
+            Weight::Blocks(w) => w.dequantize(&candle_core::Device::Cpu)?,
+            Weight::Dense(t) => t.clone(),
+        })
+    }
+
+    /// (out, in)
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Weight::Quantized(QMatMul::QTensor(t)) => t.shape().dims().to_vec(),
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims().to_vec(),
+            Weight::Blocks(w) => vec![w.shape().0, w.shape().1],
+            Weight::Dense(t) => t.dims().to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Proj {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+}
+
+impl Proj {
+    /// x: (rows, in) → (rows, out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// A low-rank update `scale · B·A` on one projection: y += scale · (x Aᵀ) Bᵀ.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// (rank, in)
+    pub a: Tensor,
+    /// (out, rank)
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
+    }
+}
+
+/// LoRA updates for every layer and projection of one adapter.
+#[derive(Debug, Clone, Default)]
+pub struct LoraSet {
+    /// layers[l][ProjKind::index()]
+    pub layers: Vec<[Option<Lora>; 7]>,
+}
+
+impl LoraSet {
+    pub fn get(&self, layer: usize, kind: ProjKind) -> Option<&Lora> {
+        self.layers.get(layer)?[kind.index()].as_ref()
+    }
+}
