@@ -134,11 +134,17 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
             axpy(p / sum, v, o);
         }
     };
-    let total_keys: usize = seqs
+    // Query rows × keys attended, roughly: below a few thousand, waking
+    // another thread costs more than the work.
+    let pairs: usize = seqs
         .iter()
-        .map(|s| (s.q.len() / (num_heads * head_dim)) * (s.start + 1))
-        .sum();
-    if total_keys * num_heads < 16_384 {
+        .map(|s| {
+            let rows = s.q.len() / (num_heads * head_dim);
+            rows * (s.start + rows)
+        })
+        .sum::<usize>()
+        * num_heads;
+    if pairs < 4_096 {
         out.chunks_exact_mut(head_dim).enumerate().for_each(work);
     } else {
         out.par_chunks_exact_mut(head_dim)

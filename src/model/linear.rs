@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use candle_core::quantized::QMatMul;
+use super::qmatmul::QMatrix;
 use candle_core::{Module, Tensor};
 
 /// The seven projections of a decoder layer, in a fixed order so adapters can
@@ -57,7 +58,7 @@ pub enum Weight {
     /// GGUF block-quantized (or f16/f32 GGUF tensors, which candle keeps dense).
     Quantized(QMatMul),
     /// GGUF Q4_1 or Q8_0, through our batched SIMD kernels.
-    Blocks(super::qmatmul::QMatrix),
+    Blocks(QMatrix),
     /// f32, from safetensors.
     Dense(Tensor),
 }
@@ -109,6 +110,31 @@ impl Proj {
             None => y,
         })
     }
+}
+
+/// Projections of the same input: quantized-block weights run as one pass
+/// (one quantization of the input, one parallel dispatch), others one by one.
+pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
+    let blocks: Option<Vec<&QMatrix>> = projs
+        .iter()
+        .map(|p| match &p.weight {
+            Weight::Blocks(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let Some(mats) = blocks.filter(|m| m.len() > 1) else {
+        return projs.iter().map(|p| p.forward(x)).collect();
+    };
+    let ys = super::qmatmul::forward_many(&mats, x)?;
+    ys.into_iter()
+        .zip(projs)
+        .map(|(y, p)| {
+            Ok(match &p.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        })
+        .collect()
 }
 
 /// A low-rank update `scale · B·A` on one projection: y += scale · (x Aᵀ) Bᵀ.

@@ -143,9 +143,8 @@ impl Model {
             let attn = self.attention(l, layer, &h, segs, &lens, starts)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, cfg.rms_norm_eps as f32)?;
-            let gate = self.project(l, layer, ProjKind::Gate, &h, segs, &lens)?;
-            let up = self.project(l, layer, ProjKind::Up, &h, segs, &lens)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            let gate_up = self.project_many(l, layer, &[ProjKind::Gate, ProjKind::Up], &h, segs, &lens)?;
+            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
             x = (x + self.project(l, layer, ProjKind::Down, &act, segs, &lens)?)?;
         }
         for (seg, &len) in segs.iter_mut().zip(&lens) {
@@ -164,20 +163,36 @@ impl Model {
         segs: &[Segment],
         lens: &[usize],
     ) -> Result<Tensor> {
-        let mut y = layer.projs[kind.index()].forward(x)?;
-        let mut offset = 0;
-        for (seg, &len) in segs.iter().zip(lens) {
-            if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
-                let rows = x.narrow(0, offset, len)?;
-                let delta = lora.delta(&rows)?;
-                y = y.slice_assign(
-                    &[offset..offset + len, 0..y.dim(1)?],
-                    &(y.narrow(0, offset, len)? + delta)?,
-                )?;
+        Ok(self.project_many(l, layer, &[kind], x, segs, lens)?.remove(0))
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up) in one pass.
+    fn project_many(
+        &self,
+        l: usize,
+        layer: &Layer,
+        kinds: &[ProjKind],
+        x: &Tensor,
+        segs: &[Segment],
+        lens: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let projs: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
+        let mut ys = linear::forward_many(&projs, x)?;
+        for (y, &kind) in ys.iter_mut().zip(kinds) {
+            let mut offset = 0;
+            for (seg, &len) in segs.iter().zip(lens) {
+                if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
+                    let rows = x.narrow(0, offset, len)?;
+                    let delta = lora.delta(&rows)?;
+                    *y = y.slice_assign(
+                        &[offset..offset + len, 0..y.dim(1)?],
+                        &(y.narrow(0, offset, len)? + delta)?,
+                    )?;
+                }
+                offset += len;
             }
-            offset += len;
         }
-        Ok(y)
+        Ok(ys)
     }
 
     fn attention(
@@ -194,9 +209,11 @@ impl Model {
         let to_vec = |t: Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        let mut q = to_vec(self.project(l, layer, ProjKind::Q, h, segs, lens)?)?;
-        let mut k = to_vec(self.project(l, layer, ProjKind::K, h, segs, lens)?)?;
-        let v = to_vec(self.project(l, layer, ProjKind::V, h, segs, lens)?)?;
+        let [q, k, v]: [Tensor; 3] = self
+            .project_many(l, layer, &[ProjKind::Q, ProjKind::K, ProjKind::V], h, segs, lens)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("q/k/v projection count"))?;
+        let (mut q, mut k, v) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
         let (mut qo, mut ko) = (0, 0);
         for ((seg, &len), &start) in segs.iter_mut().zip(lens).zip(starts) {
             let q_rows = &mut q[qo..qo + len * nh * hd];

@@ -167,88 +167,102 @@ impl QMatrix {
 
     /// x: (m, cols) f32 → (m, rows).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.cols {
-            bail!("matmul input has {k} columns, weight expects {}", self.cols);
+        Ok(forward_many(&[self], x)?.remove(0))
+    }
+
+    /// Fills `out` (m × cols, row-major) with the outputs of weight rows
+    /// `first..first + cols` for every activation row.
+    fn fill(&self, kernel: Kernel, acts: &[&[BlockQ8]], first: usize, cols: usize, out: &mut [f32]) {
+        let kb = self.cols / BLOCK;
+        match &self.blocks {
+            Blocks::Q4_1(b) => by_row(acts, first, cols, out, |c, a, o| kernel.dot_q4_1(&b[c * kb..][..kb], a, o)),
+            Blocks::Q8_0(b) => by_row(acts, first, cols, out, |c, a, o| kernel.dot_q8_0(&b[c * kb..][..kb], a, o)),
+            #[cfg(target_arch = "x86_64")]
+            Blocks::Q4_1x8(b) => by_group(acts, first, cols, out, |g, a| x8_dispatch!(q4_1_x8, &b[g * kb..][..kb], a)),
+            #[cfg(target_arch = "x86_64")]
+            Blocks::Q8_0x8(b) => by_group(acts, first, cols, out, |g, a| x8_dispatch!(q8_0_x8, &b[g * kb..][..kb], a)),
         }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let kb = k / BLOCK;
-        let acts: Vec<BlockQ8> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
-        let rows: Vec<&[BlockQ8]> = acts.chunks_exact(kb).collect();
-        let n = self.rows;
-        // Output transposed (n, m) so each parallel chunk of weight rows
-        // writes one contiguous slice; each weight row stays in L1 while it
-        // meets every activation row, four at a time.
-        let mut out_t = vec![0f32; n * m];
-        let cols_per_task = (n / (rayon::current_num_threads() * 8)).clamp(8, 256);
-        let cols_per_task = cols_per_task.next_multiple_of(8);
-        let kernel = Kernel::detect();
-        out_t
-            .par_chunks_mut(cols_per_task * m)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * cols_per_task;
-                match &self.blocks {
-                    Blocks::Q4_1(b) => by_row(chunk, m, &rows, |c, a, o| {
-                        kernel.dot_q4_1(&b[(first + c) * kb..][..kb], a, o)
-                    }),
-                    Blocks::Q8_0(b) => by_row(chunk, m, &rows, |c, a, o| {
-                        kernel.dot_q8_0(&b[(first + c) * kb..][..kb], a, o)
-                    }),
-                    #[cfg(target_arch = "x86_64")]
-                    Blocks::Q4_1x8(b) => by_group(chunk, m, &rows, |g, a| {
-                        x8_dispatch!(q4_1_x8, &b[(first / 8 + g) * kb..][..kb], a)
-                    }),
-                    #[cfg(target_arch = "x86_64")]
-                    Blocks::Q8_0x8(b) => by_group(chunk, m, &rows, |g, a| {
-                        x8_dispatch!(q8_0_x8, &b[(first / 8 + g) * kb..][..kb], a)
-                    }),
-                }
-            });
-        let out = if m == 1 {
-            out_t
-        } else {
-            let mut out = vec![0f32; n * m];
-            for (c, col) in out_t.chunks_exact(m).enumerate() {
-                for (r, v) in col.iter().enumerate() {
-                    out[r * n + c] = *v;
-                }
-            }
-            out
-        };
-        Ok(Tensor::from_vec(out, (m, n), x.device())?)
     }
 }
 
-/// Fills a chunk of the transposed output (weight row c: m values), one
-/// weight row at a time, four activation rows per kernel call.
+/// Several matrices with the same input (q/k/v, gate/up): the input is
+/// quantized once and all their work runs as one parallel pass, so the
+/// threads meet once instead of once per matrix.
+pub fn forward_many(mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    for mat in mats {
+        if k != mat.cols {
+            bail!("matmul input has {k} columns, weight expects {}", mat.cols);
+        }
+    }
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let acts: Vec<BlockQ8> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
+    let rows: Vec<&[BlockQ8]> = acts.chunks_exact(k / BLOCK).collect();
+    // Tasks of up to 256 weight rows (a multiple of 8), several per thread.
+    let threads = rayon::current_num_threads();
+    let mut tasks = Vec::new();
+    for (mi, mat) in mats.iter().enumerate() {
+        let per_task = (mat.rows / (threads * 8)).clamp(8, 256).next_multiple_of(8);
+        for first in (0..mat.rows).step_by(per_task) {
+            tasks.push((mi, first, per_task.min(mat.rows - first)));
+        }
+    }
+    let kernel = Kernel::detect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(mi, first, cols)| {
+            let mut local = vec![0f32; m * cols];
+            mats[mi].fill(kernel, &rows, first, cols, &mut local);
+            local
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|mat| vec![0f32; m * mat.rows]).collect();
+    for (&(mi, first, cols), local) in tasks.iter().zip(&results) {
+        let n = mats[mi].rows;
+        for r in 0..m {
+            outs[mi][r * n + first..r * n + first + cols].copy_from_slice(&local[r * cols..(r + 1) * cols]);
+        }
+    }
+    outs.into_iter()
+        .zip(mats)
+        .map(|(o, mat)| Ok(Tensor::from_vec(o, (m, mat.rows), x.device())?))
+        .collect()
+}
+
+/// Weight rows one at a time, four activation rows per kernel call.
 fn by_row(
-    chunk: &mut [f32],
-    m: usize,
-    rows: &[&[BlockQ8]],
+    acts: &[&[BlockQ8]],
+    first: usize,
+    cols: usize,
+    out: &mut [f32],
     dot: impl Fn(usize, &[&[BlockQ8]], &mut [f32]),
 ) {
-    for (c, out_row) in chunk.chunks_exact_mut(m).enumerate() {
-        for (outs, acts) in out_row.chunks_mut(4).zip(rows.chunks(4)) {
-            dot(c, acts, outs);
+    let mut four = [0f32; 4];
+    for c in 0..cols {
+        for (start, group) in (0..acts.len()).step_by(4).zip(acts.chunks(4)) {
+            dot(first + c, group, &mut four[..group.len()]);
+            for (r, v) in four[..group.len()].iter().enumerate() {
+                out[(start + r) * cols + c] = *v;
+            }
         }
     }
 }
 
-/// Fills a chunk of the transposed output eight weight rows at a time.
+/// Weight rows eight at a time (`first` is a multiple of 8), four
+/// activation rows per kernel call.
 #[cfg(target_arch = "x86_64")]
 fn by_group(
-    chunk: &mut [f32],
-    m: usize,
-    rows: &[&[BlockQ8]],
-    dot: impl Fn(usize, &[&[BlockQ8]]) -> Vec<[f32; 8]>,
+    acts: &[&[BlockQ8]],
+    first: usize,
+    cols: usize,
+    out: &mut [f32],
+    dot: impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 8]; 4],
 ) {
-    for (g, group) in chunk.chunks_exact_mut(8 * m).enumerate() {
-        for (start, acts) in (0..m).step_by(4).zip(rows.chunks(4)) {
-            for (r, lanes) in dot(g, acts).iter().enumerate() {
-                for (lane, v) in lanes.iter().enumerate() {
-                    group[lane * m + start + r] = *v;
-                }
+    for g in 0..cols / 8 {
+        for (start, group) in (0..acts.len()).step_by(4).zip(acts.chunks(4)) {
+            let lanes = dot(first / 8 + g, group);
+            for (r, row) in lanes[..group.len()].iter().enumerate() {
+                out[(start + r) * cols + 8 * g..][..8].copy_from_slice(row);
             }
         }
     }
@@ -259,14 +273,16 @@ fn by_group(
 macro_rules! x8_dispatch {
     ($f:ident, $w:expr, $acts:expr) => {{
         let a = $acts;
+        let mut out = [[0f32; 8]; 4];
         unsafe {
             match a.len() {
-                4 => x8::$f::<4>($w, [a[0], a[1], a[2], a[3]]).to_vec(),
-                3 => x8::$f::<3>($w, [a[0], a[1], a[2]]).to_vec(),
-                2 => x8::$f::<2>($w, [a[0], a[1]]).to_vec(),
-                _ => x8::$f::<1>($w, [a[0]]).to_vec(),
+                4 => out = x8::$f::<4>($w, [a[0], a[1], a[2], a[3]]),
+                3 => out[..3].copy_from_slice(&x8::$f::<3>($w, [a[0], a[1], a[2]])),
+                2 => out[..2].copy_from_slice(&x8::$f::<2>($w, [a[0], a[1]])),
+                _ => out[..1].copy_from_slice(&x8::$f::<1>($w, [a[0]])),
             }
         }
+        out
     }};
 }
 #[cfg(target_arch = "x86_64")]
@@ -279,7 +295,8 @@ fn quantize_block(x: &[f32]) -> BlockQ8 {
     let mut qs = [0i8; BLOCK];
     let mut sum = 0i32;
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round() as i8;
+        // Ties to even, as ggml's SIMD path does; it maps to one instruction.
+        *q = (v * id).round_ties_even() as i8;
         sum += *q as i32;
     }
     let qu = qs.map(|q| (q as i16 + 128) as u8);
