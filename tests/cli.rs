@@ -13,17 +13,30 @@ fn generate_answers_paris_on_smollm2() {
     common::smollm2();
     // Written as in the README: \n escapes inside the quoted prompt.
     let out = steerling()
-        .args(["generate", "--prompt", r"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", "--temperature", "0"])
+        .args([
+            "generate",
+            "--prompt",
+            r"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+            "--temperature",
+            "0",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("Paris"), "{text:?}");
 }
 
 #[test]
 fn generate_reports_a_missing_model_and_exits_non_zero() {
-    let out = steerling().args(["generate", "--model", "/nonexistent.gguf", "--prompt", "hi"]).output().unwrap();
+    let out = steerling()
+        .args(["generate", "--model", "/nonexistent.gguf", "--prompt", "hi"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model not found: /nonexistent.gguf"), "{err}");
@@ -34,7 +47,15 @@ fn generate_refuses_a_prompt_longer_than_the_context() {
     let model = common::tiny_gguf();
     let prompt = "word ".repeat(200);
     let out = steerling()
-        .args(["generate", "--model", model.to_str().unwrap(), "--max-context", "64", "--prompt", &prompt])
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-context",
+            "64",
+            "--prompt",
+            &prompt,
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -46,12 +67,30 @@ fn generate_refuses_a_prompt_longer_than_the_context() {
 fn bench_reports_every_batch_size() {
     let model = common::tiny_gguf();
     let out = steerling()
-        .args(["bench", "--model", model.to_str().unwrap(), "--decode-tokens", "8", "--prefill-tokens", "32"])
+        .args([
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--decode-tokens",
+            "8",
+            "--prefill-tokens",
+            "32",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    for line in ["prefill:", "decode batch  1:", "decode batch  4:", "decode batch 16:", "candle-transformers quantized_llama"] {
+    for line in [
+        "prefill:",
+        "decode batch  1:",
+        "decode batch  4:",
+        "decode batch 16:",
+        "candle-transformers quantized_llama",
+    ] {
         assert!(text.contains(line), "missing {line:?} in {text}");
     }
 }

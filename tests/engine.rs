@@ -28,10 +28,20 @@ fn greedy(engine: &steerling::engine::Engine, prompt: &str, tokens: usize) -> Ge
 /// Eight prompts of different lengths, run together, give exactly what each
 /// gives alone — with prefill chunks small enough to interleave with decoding.
 fn batching_parity(path: &std::path::Path, tokens: usize) {
-    let config = EngineConfig { max_batch: 8, max_context: 512, prefill_chunk: 7 };
+    let config = EngineConfig {
+        max_batch: 8,
+        max_context: 512,
+        prefill_chunk: 7,
+    };
     let engine = engine_for(path, config);
-    let alone: Vec<Output> = PROMPTS.iter().map(|p| run(&engine, greedy(&engine, p, tokens))).collect();
-    let streams: Vec<_> = PROMPTS.iter().map(|p| engine.submit(greedy(&engine, p, tokens)).unwrap()).collect();
+    let alone: Vec<Output> = PROMPTS
+        .iter()
+        .map(|p| run(&engine, greedy(&engine, p, tokens)))
+        .collect();
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| engine.submit(greedy(&engine, p, tokens)).unwrap())
+        .collect();
     let together: Vec<Output> = streams.into_iter().map(collect).collect();
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a.tokens.len(), tokens);
@@ -51,7 +61,11 @@ fn batching_matches_single_runs_on_smollm2() {
 
 fn sampled(engine: &steerling::engine::Engine, prompt: &str, seed: u64) -> GenerateRequest {
     let ids = engine.tokenizer().encode(prompt, true).unwrap();
-    let params = SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() };
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(seed),
+        ..Default::default()
+    };
     let mut r = GenerateRequest::new(ids, 24, params);
     r.ignore_eos = true;
     r
@@ -59,7 +73,13 @@ fn sampled(engine: &steerling::engine::Engine, prompt: &str, seed: u64) -> Gener
 
 #[test]
 fn same_seed_same_text_alone_or_batched_and_different_seeds_differ() {
-    let engine = engine_for(&smollm2(), EngineConfig { max_batch: 8, ..Default::default() });
+    let engine = engine_for(
+        &smollm2(),
+        EngineConfig {
+            max_batch: 8,
+            ..Default::default()
+        },
+    );
     let prompt = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n";
     let alone = run(&engine, sampled(&engine, prompt, 42));
     let again = run(&engine, sampled(&engine, prompt, 42));
@@ -79,9 +99,13 @@ fn same_seed_same_text_alone_or_batched_and_different_seeds_differ() {
 #[test]
 fn smollm2_knows_the_capital_of_france() {
     let engine = engine_for(&smollm2(), EngineConfig::default());
-    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
     let ids = engine.tokenizer().encode(prompt, true).unwrap();
-    let out = run(&engine, GenerateRequest::new(ids, 32, SamplingParams::greedy()));
+    let out = run(
+        &engine,
+        GenerateRequest::new(ids, 32, SamplingParams::greedy()),
+    );
     assert!(out.text.contains("Paris"), "{:?}", out.text);
     assert_eq!(out.finish, FinishReason::Stop, "should end with <|im_end|>");
     assert!(!out.text.contains("<|im_end|>"));
@@ -90,10 +114,17 @@ fn smollm2_knows_the_capital_of_france() {
 #[test]
 fn stop_strings_cut_the_text_exactly() {
     let engine = engine_for(&smollm2(), EngineConfig::default());
-    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
     let ids = engine.tokenizer().encode(prompt, true).unwrap();
-    let full = run(&engine, GenerateRequest::new(ids.clone(), 32, SamplingParams::greedy()));
-    let cut_at = full.text.find("Paris").expect("greedy answer mentions Paris");
+    let full = run(
+        &engine,
+        GenerateRequest::new(ids.clone(), 32, SamplingParams::greedy()),
+    );
+    let cut_at = full
+        .text
+        .find("Paris")
+        .expect("greedy answer mentions Paris");
     let mut r = GenerateRequest::new(ids, 32, SamplingParams::greedy());
     r.stop = vec!["aris".into()];
     let stopped = run(&engine, r);
@@ -110,19 +141,37 @@ fn max_tokens_ends_with_length() {
 
 #[test]
 fn context_limit_ends_generation() {
-    let engine = engine_for(&tiny_gguf(), EngineConfig { max_context: 32, ..Default::default() });
+    let engine = engine_for(
+        &tiny_gguf(),
+        EngineConfig {
+            max_context: 32,
+            ..Default::default()
+        },
+    );
     let mut r = greedy(&engine, "Hello world", 1000);
     r.ignore_eos = true;
     let out = run(&engine, r);
-    let prompt_len = engine.tokenizer().encode("Hello world", true).unwrap().len();
+    let prompt_len = engine
+        .tokenizer()
+        .encode("Hello world", true)
+        .unwrap()
+        .len();
     assert_eq!(out.tokens.len() + prompt_len, 32);
     assert_eq!(out.finish, FinishReason::Length);
 }
 
 #[test]
 fn dropped_receivers_free_their_slots() {
-    let engine = engine_for(&tiny_gguf(), EngineConfig { max_batch: 4, ..Default::default() });
-    let streams: Vec<_> = (0..6).map(|_| engine.submit(greedy(&engine, "Hello", 100_000)).unwrap()).collect();
+    let engine = engine_for(
+        &tiny_gguf(),
+        EngineConfig {
+            max_batch: 4,
+            ..Default::default()
+        },
+    );
+    let streams: Vec<_> = (0..6)
+        .map(|_| engine.submit(greedy(&engine, "Hello", 100_000)).unwrap())
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     while engine.running() < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
@@ -137,14 +186,36 @@ fn dropped_receivers_free_their_slots() {
 
 #[test]
 fn bad_requests_are_refused_clearly() {
-    let engine = engine_for(&tiny_gguf(), EngineConfig { max_context: 64, ..Default::default() });
+    let engine = engine_for(
+        &tiny_gguf(),
+        EngineConfig {
+            max_context: 64,
+            ..Default::default()
+        },
+    );
     let long = vec![5u32; 64];
-    let err = engine.submit(GenerateRequest::new(long, 4, SamplingParams::greedy())).unwrap_err();
-    assert_eq!(err, SubmitError::PromptTooLong { prompt: 64, context: 64 });
+    let err = engine
+        .submit(GenerateRequest::new(long, 4, SamplingParams::greedy()))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        SubmitError::PromptTooLong {
+            prompt: 64,
+            context: 64
+        }
+    );
     assert!(err.to_string().contains("64 tokens"));
-    let err = engine.submit(GenerateRequest::new(vec![], 4, SamplingParams::greedy())).unwrap_err();
+    let err = engine
+        .submit(GenerateRequest::new(vec![], 4, SamplingParams::greedy()))
+        .unwrap_err();
     assert_eq!(err, SubmitError::EmptyPrompt);
-    let err = engine.submit(GenerateRequest::new(vec![1_000_000], 4, SamplingParams::greedy())).unwrap_err();
+    let err = engine
+        .submit(GenerateRequest::new(
+            vec![1_000_000],
+            4,
+            SamplingParams::greedy(),
+        ))
+        .unwrap_err();
     assert_eq!(err, SubmitError::InvalidToken(1_000_000));
     // The engine still serves.
     assert_eq!(run(&engine, greedy(&engine, "Hello", 3)).tokens.len(), 3);
@@ -152,7 +223,13 @@ fn bad_requests_are_refused_clearly() {
 
 #[test]
 fn prompt_logprobs_cover_every_prompt_token_but_the_first() {
-    let engine = engine_for(&tiny_gguf(), EngineConfig { prefill_chunk: 3, ..Default::default() });
+    let engine = engine_for(
+        &tiny_gguf(),
+        EngineConfig {
+            prefill_chunk: 3,
+            ..Default::default()
+        },
+    );
     let mut r = greedy(&engine, "The nurse said that she would help", 2);
     r.prompt_logprobs = Some(2);
     let n = r.prompt.len();

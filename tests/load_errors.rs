@@ -15,7 +15,11 @@ fn load_err(source: ModelSource) -> String {
 #[test]
 fn missing_model_is_named() {
     let err = ModelSource::from_path(std::path::Path::new("/nonexistent/model.gguf")).unwrap_err();
-    assert!(err.to_string().contains("model not found: /nonexistent/model.gguf"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("model not found: /nonexistent/model.gguf"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -43,7 +47,10 @@ fn not_a_gguf_file_is_refused() {
 fn unsupported_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("falcon.gguf");
-    let spec = TinySpec { architecture: "falcon", ..TinySpec::default() };
+    let spec = TinySpec {
+        architecture: "falcon",
+        ..TinySpec::default()
+    };
     write_tiny_gguf(&path, &spec, candle_core::quantized::GgmlDType::F32).unwrap();
     let err = load_err(ModelSource::Gguf(path));
     assert!(err.contains("unsupported architecture `falcon`"), "{err}");
@@ -51,7 +58,11 @@ fn unsupported_architecture_is_named() {
     let folder = dir.path().join("neox");
     write_tiny_hf(&folder, &TinySpec::default(), candle_core::DType::F32).unwrap();
     let config = std::fs::read_to_string(folder.join("config.json")).unwrap();
-    std::fs::write(folder.join("config.json"), config.replace("\"llama\"", "\"gpt_neox\"")).unwrap();
+    std::fs::write(
+        folder.join("config.json"),
+        config.replace("\"llama\"", "\"gpt_neox\""),
+    )
+    .unwrap();
     let err = load_err(ModelSource::HfFolder(folder));
     assert!(err.contains("unsupported architecture `gpt_neox`"), "{err}");
 }
@@ -62,11 +73,19 @@ fn hf_folder_missing_a_tensor_or_with_wrong_shapes_is_refused() {
     write_tiny_hf(dir.path(), &TinySpec::default(), candle_core::DType::F32).unwrap();
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     // Claim three layers where the weights have two.
-    std::fs::write(dir.path().join("config.json"), config.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
     let err = load_err(ModelSource::HfFolder(dir.path().to_path_buf()));
     assert!(err.contains("missing tensor `model.layers.2."), "{err}");
     // Claim a wider MLP than the weights have.
-    std::fs::write(dir.path().join("config.json"), config.replace("\"intermediate_size\": 128", "\"intermediate_size\": 256")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"intermediate_size\": 128", "\"intermediate_size\": 256"),
+    )
+    .unwrap();
     let err = load_err(ModelSource::HfFolder(dir.path().to_path_buf()));
     assert!(err.contains("expected [256, 64]"), "{err}");
 }

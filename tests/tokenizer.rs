@@ -38,7 +38,11 @@ fn smollm2_round_trips_and_keeps_special_tokens_whole() {
     // SmolLM2 splits digits one by one.
     assert_eq!(tok.encode("12345", true).unwrap().len(), 5);
     assert_eq!(tok.eos, vec![2]);
-    assert!(tok.chat_template.as_deref().unwrap_or("").contains("<|im_start|>"));
+    assert!(tok
+        .chat_template
+        .as_deref()
+        .unwrap_or("")
+        .contains("<|im_start|>"));
     // Special tokens are left out of decoded text.
     assert_eq!(tok.decode(&ids).unwrap(), "user\nHi");
 }
@@ -52,7 +56,10 @@ fn streaming_never_splits_a_character() {
         let mut out = String::new();
         for &id in &ids {
             let piece = dec.push(&tok, id).unwrap();
-            assert!(!piece.contains('\u{FFFD}'), "broken character in {piece:?} of {text:?}");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "broken character in {piece:?} of {text:?}"
+            );
             out += &piece;
         }
         out += &dec.flush(&tok).unwrap();
@@ -67,7 +74,10 @@ fn gguf_tokenizer_matches_tokenizer_json_of_the_same_vocabulary() {
     steerling::testing::write_tiny_hf(dir.path(), &spec, candle_core::DType::F32).unwrap();
     let from_json = Tokenizer::from_hf_folder(dir.path()).unwrap();
     let from_meta = from_gguf(&common::tiny_gguf());
-    for text in TEXTS.iter().chain(&["<|im_start|>user\nThe nurse said<|im_end|>\n"]) {
+    for text in TEXTS
+        .iter()
+        .chain(&["<|im_start|>user\nThe nurse said<|im_end|>\n"])
+    {
         let a = from_json.encode(text, true).unwrap();
         let b = from_meta.encode(text, true).unwrap();
         assert_eq!(a, b, "{text:?}");
@@ -82,31 +92,75 @@ fn gguf_tokenizer_matches_tokenizer_json_of_the_same_vocabulary() {
 #[test]
 fn sentencepiece_vocabulary_from_gguf_metadata() {
     use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
-    let mut tokens: Vec<(String, f32, i32)> = vec![("<unk>".into(), 0.0, 2), ("<s>".into(), 0.0, 3), ("</s>".into(), 0.0, 3)];
+    let mut tokens: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+    ];
     for b in 0..=255u8 {
         tokens.push((format!("<0x{b:02X}>"), 0.0, 6));
     }
     for (piece, score) in [
-        ("▁", -1.0), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("w", -2.0), ("r", -2.0), ("d", -2.0),
-        ("el", -3.0), ("▁h", -3.5), ("▁hel", -4.0), ("lo", -4.5), ("▁hello", -5.0), ("▁w", -5.5), ("or", -6.0),
-        ("ld", -6.5), ("▁wor", -7.0), ("▁world", -7.5),
+        ("▁", -1.0),
+        ("h", -2.0),
+        ("e", -2.0),
+        ("l", -2.0),
+        ("o", -2.0),
+        ("w", -2.0),
+        ("r", -2.0),
+        ("d", -2.0),
+        ("el", -3.0),
+        ("▁h", -3.5),
+        ("▁hel", -4.0),
+        ("lo", -4.5),
+        ("▁hello", -5.0),
+        ("▁w", -5.5),
+        ("or", -6.0),
+        ("ld", -6.5),
+        ("▁wor", -7.0),
+        ("▁world", -7.5),
     ] {
         tokens.push((piece.into(), score, 1));
     }
     let id = |p: &str| tokens.iter().position(|t| t.0 == p).unwrap() as u32;
     let mut metadata = std::collections::HashMap::new();
-    metadata.insert("tokenizer.ggml.model".to_string(), Value::String("llama".into()));
-    metadata.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.0.clone())).collect()));
-    metadata.insert("tokenizer.ggml.scores".into(), Value::Array(tokens.iter().map(|t| Value::F32(t.1)).collect()));
-    metadata.insert("tokenizer.ggml.token_type".into(), Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()));
+    metadata.insert(
+        "tokenizer.ggml.model".to_string(),
+        Value::String("llama".into()),
+    );
+    metadata.insert(
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(tokens.iter().map(|t| Value::String(t.0.clone())).collect()),
+    );
+    metadata.insert(
+        "tokenizer.ggml.scores".into(),
+        Value::Array(tokens.iter().map(|t| Value::F32(t.1)).collect()),
+    );
+    metadata.insert(
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()),
+    );
     metadata.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1));
     metadata.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(2));
-    let content = Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: Default::default(), tensor_data_offset: 0 };
+    let content = Content {
+        magic: VersionedMagic::GgufV3,
+        metadata,
+        tensor_infos: Default::default(),
+        tensor_data_offset: 0,
+    };
     let tok = Tokenizer::from_gguf(&content).unwrap();
     let ids = tok.encode("hello world", true).unwrap();
-    assert_eq!(ids, vec![1, id("▁hello"), id("▁world")], "BOS added, words merged");
+    assert_eq!(
+        ids,
+        vec![1, id("▁hello"), id("▁world")],
+        "BOS added, words merged"
+    );
     assert_eq!(tok.decode(&ids).unwrap(), "hello world");
     let ids = tok.encode("hü", false).unwrap();
-    assert_eq!(ids, vec![id("▁h"), id("<0xC3>"), id("<0xBC>")], "ü falls back to its UTF-8 bytes");
+    assert_eq!(
+        ids,
+        vec![id("▁h"), id("<0xC3>"), id("<0xBC>")],
+        "ü falls back to its UTF-8 bytes"
+    );
     assert_eq!(tok.decode(&ids).unwrap(), "hü");
 }

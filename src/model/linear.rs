@@ -1,9 +1,9 @@
 //! Projections (q/k/v/o/gate/up/down and the head): a quantized or dense
 //! weight, an optional bias, and the LoRA delta an adapter may attach.
 
+use super::qmatmul::QMatrix;
 use anyhow::Result;
 use candle_core::quantized::QMatMul;
-use super::qmatmul::QMatrix;
 use candle_core::{Module, Tensor};
 
 /// The seven projections of a decoder layer, in a fixed order so adapters can

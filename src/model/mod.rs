@@ -143,7 +143,8 @@ impl Model {
             let attn = self.attention(l, layer, &h, segs, &lens, starts)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, cfg.rms_norm_eps as f32)?;
-            let gate_up = self.project_many(l, layer, &[ProjKind::Gate, ProjKind::Up], &h, segs, &lens)?;
+            let gate_up =
+                self.project_many(l, layer, &[ProjKind::Gate, ProjKind::Up], &h, segs, &lens)?;
             let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
             x = (x + self.project(l, layer, ProjKind::Down, &act, segs, &lens)?)?;
         }
@@ -163,7 +164,9 @@ impl Model {
         segs: &[Segment],
         lens: &[usize],
     ) -> Result<Tensor> {
-        Ok(self.project_many(l, layer, &[kind], x, segs, lens)?.remove(0))
+        Ok(self
+            .project_many(l, layer, &[kind], x, segs, lens)?
+            .remove(0))
     }
 
     /// Several projections of the same input (q/k/v, gate/up) in one pass.
@@ -210,7 +213,14 @@ impl Model {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
         let [q, k, v]: [Tensor; 3] = self
-            .project_many(l, layer, &[ProjKind::Q, ProjKind::K, ProjKind::V], h, segs, lens)?
+            .project_many(
+                l,
+                layer,
+                &[ProjKind::Q, ProjKind::K, ProjKind::V],
+                h,
+                segs,
+                lens,
+            )?
             .try_into()
             .map_err(|_| anyhow::anyhow!("q/k/v projection count"))?;
         let (mut q, mut k, v) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);

@@ -15,7 +15,12 @@ pub fn tiny_gguf() -> PathBuf {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let path = dir.join("tiny-llama-q4_1.gguf");
         let tmp = dir.join(format!("tiny-llama-q4_1.gguf.{}", std::process::id()));
-        write_tiny_gguf(&tmp, &TinySpec::default(), candle_core::quantized::GgmlDType::Q4_1).unwrap();
+        write_tiny_gguf(
+            &tmp,
+            &TinySpec::default(),
+            candle_core::quantized::GgmlDType::Q4_1,
+        )
+        .unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         path
     })
@@ -51,7 +56,11 @@ pub fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Outpu
             }
             Event::Done { reason, tail, .. } => {
                 text += &tail;
-                return Output { text, tokens, finish: reason };
+                return Output {
+                    text,
+                    tokens,
+                    finish: reason,
+                };
             }
             Event::Error(e) => panic!("generation failed: {e}"),
             Event::PromptLogprobs(_) => {}

@@ -19,6 +19,10 @@ mod x8;
 
 const BLOCK: usize = 32;
 
+/// Activation rows from which the 512-bit kernels are used.
+#[cfg(target_arch = "x86_64")]
+const WIDE_FROM_ROWS: usize = 8;
+
 /// ggml's block_q4_1: value = d·q + m, q in 0..16; byte j holds elements j
 /// (low nibble) and j+16 (high nibble).
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +111,7 @@ impl QMatrix {
             bail!("quantized tensor of shape ({rows}, {cols}) has {n_blocks} blocks");
         }
         let matrix = Self { blocks, rows, cols };
-        Ok(Some(if Kernel::detect() == Kernel::best() {
+        Ok(Some(if Kernel::detect().interleaves() {
             matrix.interleaved()
         } else {
             matrix
@@ -117,7 +121,7 @@ impl QMatrix {
     /// The same matrix in the eight-row layout, where the CPU has AVX-VNNI.
     fn interleaved(self) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if self.rows % 8 == 0 && is_x86_feature_detected!("avxvnni") {
+        if self.rows % 8 == 0 {
             let kb = self.cols / BLOCK;
             let blocks = match &self.blocks {
                 Blocks::Q4_1(b) => Blocks::Q4_1x8(x8::pack_q4_1(b, self.rows, kb)),
@@ -172,15 +176,48 @@ impl QMatrix {
 
     /// Fills `out` (m × cols, row-major) with the outputs of weight rows
     /// `first..first + cols` for every activation row.
-    fn fill(&self, kernel: Kernel, acts: &[&[BlockQ8]], first: usize, cols: usize, out: &mut [f32]) {
+    fn fill(
+        &self,
+        kernel: Kernel,
+        acts: &[&[BlockQ8]],
+        first: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
         let kb = self.cols / BLOCK;
+        // 512-bit kernels pay off from about eight activation rows; below
+        // that the 256-bit ones are faster (measured with `steerling bench`).
+        #[cfg(target_arch = "x86_64")]
+        let wide = kernel == Kernel::Avx512Vnni && acts.len() >= WIDE_FROM_ROWS;
         match &self.blocks {
-            Blocks::Q4_1(b) => by_row(acts, first, cols, out, |c, a, o| kernel.dot_q4_1(&b[c * kb..][..kb], a, o)),
-            Blocks::Q8_0(b) => by_row(acts, first, cols, out, |c, a, o| kernel.dot_q8_0(&b[c * kb..][..kb], a, o)),
+            Blocks::Q4_1(b) => by_row(acts, first, cols, out, |c, a, o| {
+                kernel.dot_q4_1(&b[c * kb..][..kb], a, o)
+            }),
+            Blocks::Q8_0(b) => by_row(acts, first, cols, out, |c, a, o| {
+                kernel.dot_q8_0(&b[c * kb..][..kb], a, o)
+            }),
             #[cfg(target_arch = "x86_64")]
-            Blocks::Q4_1x8(b) => by_group(acts, first, cols, out, |g, a| x8_dispatch!(q4_1_x8, &b[g * kb..][..kb], a)),
+            Blocks::Q4_1x8(b) => by_group(
+                acts,
+                first,
+                cols,
+                out,
+                wide.then_some(|g: usize, a: &[&[BlockQ8]]| {
+                    x16_dispatch!(q4_1_x16, &b[g * kb..][..kb], &b[(g + 1) * kb..][..kb], a)
+                }),
+                |g, a| x8_dispatch!(q4_1_x8, &b[g * kb..][..kb], a),
+            ),
             #[cfg(target_arch = "x86_64")]
-            Blocks::Q8_0x8(b) => by_group(acts, first, cols, out, |g, a| x8_dispatch!(q8_0_x8, &b[g * kb..][..kb], a)),
+            Blocks::Q8_0x8(b) => by_group(
+                acts,
+                first,
+                cols,
+                out,
+                wide.then_some(|g: usize, a: &[&[BlockQ8]]| {
+                    x16_dispatch!(q8_0_x16, &b[g * kb..][..kb], &b[(g + 1) * kb..][..kb], a)
+                }),
+                |g, a| x8_dispatch!(q8_0_x8, &b[g * kb..][..kb], a),
+            ),
         }
     }
 }
@@ -189,6 +226,10 @@ impl QMatrix {
 /// quantized once and all their work runs as one parallel pass, so the
 /// threads meet once instead of once per matrix.
 pub fn forward_many(mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    forward_many_with(Kernel::detect(), mats, x)
+}
+
+fn forward_many_with(kernel: Kernel, mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
     for mat in mats {
         if k != mat.cols {
@@ -207,7 +248,6 @@ pub fn forward_many(mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
             tasks.push((mi, first, per_task.min(mat.rows - first)));
         }
     }
-    let kernel = Kernel::detect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(mi, first, cols)| {
@@ -220,7 +260,8 @@ pub fn forward_many(mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
     for (&(mi, first, cols), local) in tasks.iter().zip(&results) {
         let n = mats[mi].rows;
         for r in 0..m {
-            outs[mi][r * n + first..r * n + first + cols].copy_from_slice(&local[r * cols..(r + 1) * cols]);
+            outs[mi][r * n + first..r * n + first + cols]
+                .copy_from_slice(&local[r * cols..(r + 1) * cols]);
         }
     }
     outs.into_iter()
@@ -248,23 +289,40 @@ fn by_row(
     }
 }
 
-/// Weight rows eight at a time (`first` is a multiple of 8), four
-/// activation rows per kernel call.
+/// Weight rows sixteen (`pair`, when the CPU has it) or eight at a time
+/// (`first` is a multiple of 8), four activation rows per kernel call.
 #[cfg(target_arch = "x86_64")]
 fn by_group(
     acts: &[&[BlockQ8]],
     first: usize,
     cols: usize,
     out: &mut [f32],
-    dot: impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 8]; 4],
+    pair: Option<impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 16]; 4]>,
+    single: impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 8]; 4],
 ) {
-    for g in 0..cols / 8 {
-        for (start, group) in (0..acts.len()).step_by(4).zip(acts.chunks(4)) {
-            let lanes = dot(first / 8 + g, group);
-            for (r, row) in lanes[..group.len()].iter().enumerate() {
-                out[(start + r) * cols + 8 * g..][..8].copy_from_slice(row);
+    let groups = cols / 8;
+    let mut g = 0;
+    while g < groups {
+        let width = if pair.is_some() && g + 1 < groups {
+            16
+        } else {
+            8
+        };
+        for (start, rows) in (0..acts.len()).step_by(4).zip(acts.chunks(4)) {
+            let mut lanes = [[0f32; 16]; 4];
+            match &pair {
+                Some(pair) if width == 16 => lanes = pair(first / 8 + g, rows),
+                _ => {
+                    for (dst, src) in lanes.iter_mut().zip(single(first / 8 + g, rows)) {
+                        dst[..8].copy_from_slice(&src);
+                    }
+                }
+            }
+            for (r, row) in lanes[..rows.len()].iter().enumerate() {
+                out[(start + r) * cols + 8 * g..][..width].copy_from_slice(&row[..width]);
             }
         }
+        g += width / 8;
     }
 }
 
@@ -287,6 +345,26 @@ macro_rules! x8_dispatch {
 }
 #[cfg(target_arch = "x86_64")]
 use x8_dispatch;
+
+/// Calls a sixteen-row kernel with 1..=4 activation rows.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x16_dispatch {
+    ($f:ident, $wa:expr, $wb:expr, $acts:expr) => {{
+        let a = $acts;
+        let mut out = [[0f32; 16]; 4];
+        unsafe {
+            match a.len() {
+                4 => out = x8::$f::<4>($wa, $wb, [a[0], a[1], a[2], a[3]]),
+                3 => out[..3].copy_from_slice(&x8::$f::<3>($wa, $wb, [a[0], a[1], a[2]])),
+                2 => out[..2].copy_from_slice(&x8::$f::<2>($wa, $wb, [a[0], a[1]])),
+                _ => out[..1].copy_from_slice(&x8::$f::<1>($wa, $wb, [a[0]])),
+            }
+        }
+        out
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use x16_dispatch;
 
 fn quantize_block(x: &[f32]) -> BlockQ8 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -316,6 +394,9 @@ enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     AvxVnni,
+    /// AVX-VNNI plus AVX-512 VNNI: interleaved pairs of groups in 512-bit registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 /// Calls the R-row kernel matching `acts.len()` (1..=4).
@@ -331,26 +412,66 @@ macro_rules! dispatch_rows {
 }
 
 impl Kernel {
-    /// The kernel the interleaved layouts are built for.
-    fn best() -> Self {
+    /// Whether this kernel uses the eight-row interleaved layouts.
+    fn interleaves(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return Kernel::AvxVnni;
+        return matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni);
         #[allow(unreachable_code)]
-        Kernel::Scalar
+        false
     }
 
+    /// The best kernel this CPU has, capped by `STEERLING_KERNEL`
+    /// (scalar, avx2, avxvnni, avx512vnni) for benchmarks and comparisons.
     fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let cap = std::env::var("STEERLING_KERNEL").unwrap_or_default();
+            let available = Self::available();
+            available
+                .iter()
+                .rev()
+                .find(|k| cap.is_empty() || k.name() == cap)
+                .or(available.last())
+                .copied()
+                .unwrap_or(Kernel::Scalar)
+        })
+    }
+
+    /// Every kernel this CPU can run, slowest first.
+    fn available() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            if avx2 && is_x86_feature_detected!("avxvnni") {
-                return Kernel::AvxVnni;
-            }
-            if avx2 {
-                return Kernel::Avx2;
-            }
+            let vnni = avx2 && is_x86_feature_detected!("avxvnni");
+            let avx512 = vnni
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni");
+            kernels.extend(
+                [
+                    (avx2, Kernel::Avx2),
+                    (vnni, Kernel::AvxVnni),
+                    (avx512, Kernel::Avx512Vnni),
+                ]
+                .into_iter()
+                .filter(|(ok, _)| *ok)
+                .map(|(_, k)| k),
+            );
         }
-        Kernel::Scalar
+        kernels
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => "avxvnni",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512vnni",
+        }
     }
 
     /// outs[r] = w · acts[r] for up to four activation rows.
@@ -364,7 +485,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { dispatch_rows!(q4_1_avx2, w, acts, outs) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => unsafe { dispatch_rows!(q4_1_vnni, w, acts, outs) },
+            Kernel::AvxVnni | Kernel::Avx512Vnni => unsafe {
+                dispatch_rows!(q4_1_vnni, w, acts, outs)
+            },
         }
     }
 
@@ -378,7 +501,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { dispatch_rows!(q8_0_avx2, w, acts, outs) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => unsafe { dispatch_rows!(q8_0_vnni, w, acts, outs) },
+            Kernel::AvxVnni | Kernel::Avx512Vnni => unsafe {
+                dispatch_rows!(q8_0_vnni, w, acts, outs)
+            },
         }
     }
 }
@@ -517,112 +642,58 @@ dot_rows_kernel!(
 mod tests {
     use super::*;
 
-    fn kernels() -> Vec<Kernel> {
-        let mut k = vec![Kernel::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                k.push(Kernel::Avx2);
-            }
-            if is_x86_feature_detected!("avxvnni") {
-                k.push(Kernel::AvxVnni);
-            }
-        }
-        k
+    fn to_vec(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// Dequantization equals candle's; the matmul equals an f32 matmul on the
-    /// dequantized weights up to 8-bit activation rounding; every kernel this
-    /// CPU has equals the scalar one, for 1 to 4 rows.
+    /// Dequantization equals candle's; the product equals an f32 matmul on
+    /// the dequantized weights up to 8-bit activation rounding; and every
+    /// kernel this CPU has, in both layouts, with 1 to 9 activation rows (so
+    /// the four-row tiles, the remainders and the 512-bit pairs all run),
+    /// gives the scalar kernel's result.
     #[test]
     fn kernels_agree_with_candle_and_each_other() {
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = Tensor::randn(0f32, 1.0, (40, 64), &dev).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
-            let theirs: Vec<f32> = q
-                .dequantize(&dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let mine = m.dequantize(&dev).unwrap();
-            assert_eq!(
-                theirs,
-                mine.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                "{dtype:?}"
-            );
-            let x = Tensor::randn(0f32, 1.0, (5, 64), &dev).unwrap();
-            let ours: Vec<f32> = m
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let dense: Vec<f32> = x
-                .matmul(&mine.t().unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            // 8-bit activations: errors of a few per mille of the output scale.
-            let scale = dense.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (a, b) in ours.iter().zip(&dense) {
-                assert!((a - b).abs() < 0.03 * scale, "{dtype:?}: {a} vs {b}");
-            }
-            // The row-by-row layout gives what the interleaved one gives.
-            let plain = QMatrix {
-                blocks: m.plain(),
-                rows: 40,
-                cols: 64,
-            };
-            let by_rows: Vec<f32> = plain
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (a, b) in ours.iter().zip(&by_rows) {
-                assert!(
-                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                    "{dtype:?}: {a} vs {b}"
+            for (n, k) in [(40, 64), (272, 96)] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+                let dense_w = m.dequantize(&dev).unwrap();
+                assert_eq!(
+                    to_vec(&q.dequantize(&dev).unwrap()),
+                    to_vec(&dense_w),
+                    "{dtype:?}"
                 );
-            }
-            let acts: Vec<BlockQ8> = x
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .chunks_exact(32)
-                .map(quantize_block)
-                .collect();
-            let rows: Vec<&[BlockQ8]> = acts.chunks_exact(2).collect();
-            for kernel in kernels() {
-                for n in 1..=4 {
-                    let mut outs = vec![0f32; n];
-                    let mut want = vec![0f32; n];
-                    match &plain.blocks {
-                        Blocks::Q4_1(b) => {
-                            kernel.dot_q4_1(&b[2..4], &rows[..n], &mut outs);
-                            Kernel::Scalar.dot_q4_1(&b[2..4], &rows[..n], &mut want);
-                        }
-                        Blocks::Q8_0(b) => {
-                            kernel.dot_q8_0(&b[2..4], &rows[..n], &mut outs);
-                            Kernel::Scalar.dot_q8_0(&b[2..4], &rows[..n], &mut want);
-                        }
-                        #[cfg(target_arch = "x86_64")]
-                        _ => unreachable!(),
+                let plain = QMatrix {
+                    blocks: m.plain(),
+                    rows: n,
+                    cols: k,
+                };
+                let interleaved = plain.clone().interleaved();
+                for rows in [1, 3, 5, 9] {
+                    let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+                    let dense = to_vec(&x.matmul(&dense_w.t().unwrap()).unwrap());
+                    let scalar =
+                        to_vec(&forward_many_with(Kernel::Scalar, &[&plain], &x).unwrap()[0]);
+                    let scale = dense.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in scalar.iter().zip(&dense) {
+                        assert!((a - b).abs() < 0.03 * scale, "{dtype:?}: {a} vs {b}");
                     }
-                    for (o, w) in outs.iter().zip(&want) {
-                        assert!(
-                            (o - w).abs() < 1e-4 * (1.0 + w.abs()),
-                            "{kernel:?} {dtype:?}: {o} vs {w}"
-                        );
+                    for kernel in Kernel::available() {
+                        for layout in [&plain, &interleaved] {
+                            if !kernel.interleaves() && !std::ptr::eq(layout, &plain) {
+                                continue;
+                            }
+                            let got = to_vec(&forward_many_with(kernel, &[layout], &x).unwrap()[0]);
+                            for (a, b) in got.iter().zip(&scalar) {
+                                assert!(
+                                    (a - b).abs() < 1e-4 * scale,
+                                    "{} {dtype:?} ({n},{k}) x{rows}: {a} vs {b}",
+                                    kernel.name()
+                                );
+                            }
+                        }
                     }
                 }
             }

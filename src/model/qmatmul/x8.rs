@@ -212,3 +212,110 @@ pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R])
     }
     out
 }
+
+/// Two 256-bit halves as one 512-bit register.
+#[inline(always)]
+unsafe fn join_si(a: &[u8; 32], b: &[u8; 32]) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lo = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+    let hi = _mm256_loadu_si256(b.as_ptr() as *const __m256i);
+    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+}
+
+#[inline(always)]
+unsafe fn join_ps(a: &[f32; 8], b: &[f32; 8]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_castps_pd(_mm256_loadu_ps(a.as_ptr()));
+    let hi = _mm256_castps_pd(_mm256_loadu_ps(b.as_ptr()));
+    _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1))
+}
+
+#[inline(always)]
+fn as_bytes(qs: &[i8; 32]) -> &[u8; 32] {
+    // i8 and u8 have the same size and alignment.
+    unsafe { &*(qs as *const [i8; 32] as *const [u8; 32]) }
+}
+
+/// Sixteen Q4_1 rows (two adjacent groups) for R activation rows, AVX-512:
+/// one `vpdpbusd` advances sixteen outputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub(super) unsafe fn q4_1_x16<const R: usize>(
+    wa: &[Q41x8],
+    wb: &[Q41x8],
+    acts: [&[BlockQ8]; R],
+) -> [[f32; 16]; R] {
+    use std::arch::x86_64::*;
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut mins = [_mm512_setzero_ps(); R];
+    for (b, (xa, xb)) in wa.iter().zip(wb).enumerate() {
+        let d = join_ps(&xa.d, &xb.d);
+        let m = join_ps(&xa.m, &xb.m);
+        let mut lo = [_mm512_setzero_si512(); 4];
+        let mut hi = [_mm512_setzero_si512(); 4];
+        for g in 0..4 {
+            let packed = join_si(&xa.qs[g], &xb.qs[g]);
+            lo[g] = _mm512_and_si512(packed, low);
+            hi[g] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+        }
+        for r in 0..R {
+            let y = acts[r].get_unchecked(b);
+            let mut sum = _mm512_setzero_si512();
+            for g in 0..4 {
+                sum =
+                    _mm512_dpbusd_epi32(sum, lo[g], _mm512_set1_epi32(group_i32_signed(&y.qs, g)));
+                sum = _mm512_dpbusd_epi32(
+                    sum,
+                    hi[g],
+                    _mm512_set1_epi32(group_i32_signed(&y.qs, g + 4)),
+                );
+            }
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(y.d));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+            mins[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(y.s), mins[r]);
+        }
+    }
+    let mut out = [[0f32; 16]; R];
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], mins[r]));
+    }
+    out
+}
+
+/// Sixteen Q8_0 rows (two adjacent groups) for R activation rows, AVX-512.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub(super) unsafe fn q8_0_x16<const R: usize>(
+    wa: &[Q80x8],
+    wb: &[Q80x8],
+    acts: [&[BlockQ8]; R],
+) -> [[f32; 16]; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, (xa, xb)) in wa.iter().zip(wb).enumerate() {
+        let d = join_ps(&xa.d, &xb.d);
+        let bias = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(xa.bias.as_ptr() as *const __m256i)),
+            _mm256_loadu_si256(xb.bias.as_ptr() as *const __m256i),
+            1,
+        );
+        let mut qs = [_mm512_setzero_si512(); 8];
+        for g in 0..8 {
+            qs[g] = join_si(as_bytes(&xa.qs[g]), as_bytes(&xb.qs[g]));
+        }
+        for r in 0..R {
+            let y = acts[r].get_unchecked(b);
+            let mut sum = _mm512_setzero_si512();
+            for g in 0..8 {
+                sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(group_i32(&y.qu, g)), qs[g]);
+            }
+            let sum = _mm512_sub_epi32(sum, bias);
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(y.d));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+        }
+    }
+    let mut out = [[0f32; 16]; R];
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+    }
+    out
+}
