@@ -49,27 +49,7 @@ impl Default for TinySpec {
     }
 }
 
-/// GPT-2's byte → printable char table.
-pub fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut table = vec![' '; 256];
-    for (b, c) in bs.iter().zip(cs) {
-        table[*b as usize] = char::from_u32(c).unwrap();
-    }
-    table
-}
+pub use crate::tokenizer::byte_chars;
 
 /// A byte-level BPE vocabulary: 256 byte tokens, `n_merges` merges learned
 /// from a fixed corpus (deterministic), then the ChatML special tokens.
@@ -155,9 +135,24 @@ fn random_weights(spec: &TinySpec, vocab: usize) -> Result<TinyWeights> {
     };
     let (h, hd) = (spec.hidden, spec.hidden / spec.heads);
     let (q, kv, ff) = (spec.heads * hd, spec.kv_heads * hd, spec.intermediate);
+    // Small enough that the tied head gives a spread-out distribution, as a
+    // trained model's does, instead of always repeating the last token.
+    // Bytes that are not printable ASCII (UTF-8 fragments, control codes)
+    // get zero rows: the tied head then scores them 0 while real tokens
+    // spread around it, so the model writes text rather than broken bytes.
+    let printable: Vec<f32> = (0..vocab)
+        .map(|i| {
+            if i >= 256 || (32..127).contains(&i) || i == 10 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(printable, (vocab, 1), &dev)?;
     let mut t = vec![(
         "model.embed_tokens.weight".to_string(),
-        rand(&[vocab, h], 1.0)?,
+        rand(&[vocab, h], 0.15)?.broadcast_mul(&mask)?,
     )];
     let qwen = spec.architecture == "qwen2";
     for l in 0..spec.layers {

@@ -27,8 +27,19 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// How vocabulary strings map to bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pieces {
+    /// GPT-2 byte-level: every byte is one printable character.
+    ByteLevel,
+    /// SentencePiece: `▁` is a space, `<0xNN>` a raw byte.
+    SentencePiece,
+    Other,
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    pieces: Pieces,
     /// Prepended when encoding a prompt with special tokens.
     pub bos: Option<u32>,
     /// Any of these ends generation.
@@ -72,7 +83,15 @@ impl Tokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
             _ => None,
         };
+        let pieces = match inner.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => Pieces::ByteLevel,
+            _ if matches!(inner.get_model(), tokenizers::ModelWrapper::BPE(b) if b.byte_fallback) => {
+                Pieces::SentencePiece
+            }
+            _ => Pieces::Other,
+        };
         Ok(Self {
+            pieces,
             bos: token_of("bos_token"),
             eos,
             chat_template,
@@ -143,6 +162,11 @@ impl Tokenizer {
             .unwrap_or(model == "llama");
         Ok(Self {
             inner,
+            pieces: if model == "gpt2" {
+                Pieces::ByteLevel
+            } else {
+                Pieces::SentencePiece
+            },
             bos: id("tokenizer.ggml.bos_token_id"),
             eos,
             chat_template: md("tokenizer.chat_template")
@@ -182,6 +206,55 @@ impl Tokenizer {
         self.inner
             .decode(ids, false)
             .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))
+    }
+
+    /// The raw bytes a token stands for (a byte-level token may be part of a
+    /// UTF-8 character, which text decoding would turn into U+FFFD).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        match self.pieces {
+            Pieces::ByteLevel => {
+                let table = byte_decoder();
+                let mut out = Vec::with_capacity(piece.len());
+                for c in piece.chars() {
+                    match table.get(&c) {
+                        Some(&b) => out.push(b),
+                        None => out.extend(c.to_string().as_bytes()),
+                    }
+                }
+                out
+            }
+            Pieces::SentencePiece => {
+                match piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                    Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16)
+                        .map(|b| vec![b])
+                        .unwrap_or_default(),
+                    _ => piece.replace('▁', " ").into_bytes(),
+                }
+            }
+            Pieces::Other => self
+                .decode_with_special(&[id])
+                .unwrap_or_default()
+                .into_bytes(),
+        }
+    }
+
+    /// A token as text for log-probability listings: its text when its bytes
+    /// are valid UTF-8, else `bytes:\xNN…` as OpenAI writes partial characters.
+    pub fn token_display(&self, id: u32) -> String {
+        let bytes = self.token_bytes(id);
+        match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let mut out = String::from("bytes:");
+                for b in e.as_bytes() {
+                    out += &format!("\\x{b:02x}");
+                }
+                out
+            }
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -313,6 +386,40 @@ fn sentencepiece_tokenizer(
         DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
     ])));
     Ok(tok)
+}
+
+/// GPT-2's byte → printable character table.
+pub fn byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        table[*b as usize] = char::from_u32(c).expect("valid code point");
+    }
+    table
+}
+
+fn byte_decoder() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        byte_chars()
+            .into_iter()
+            .enumerate()
+            .map(|(b, c)| (c, b as u8))
+            .collect()
+    })
 }
 
 /// Turns a stream of token ids into text pieces without ever splitting a

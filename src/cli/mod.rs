@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 
 use crate::engine::SamplingParams;
 use crate::model::{load_model, LoadedModel, ModelSource};
@@ -22,12 +23,16 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Start the OpenAI-compatible HTTP server.
+    Serve(serve::ServeArgs),
     /// Generate text for one prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed at batch sizes 1, 4 and 16.
     Bench(bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache.
     FetchModel,
+    /// Print the OpenAPI document (as committed in openapi/openapi.json).
+    Openapi,
 }
 
 /// Which model to load.
@@ -123,7 +128,12 @@ pub fn init_logging() {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Openapi => {
+            print!("{}", crate::api::openapi::document());
+            Ok(())
+        }
         Command::Bench(args) => bench::run(args),
         Command::FetchModel => {
             let path =

@@ -135,6 +135,7 @@ fn run_on_compute_pool(f: impl FnOnce() + Send) {
 pub(crate) struct Submission {
     pub request: GenerateRequest,
     pub events: UnboundedSender<Event>,
+    pub submitted: std::time::Instant,
 }
 
 /// A handle to the scheduler thread; cheap to clone.
@@ -230,7 +231,11 @@ impl Engine {
         let (events, rx) = unbounded_channel();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.tx
-            .send(Submission { request, events })
+            .send(Submission {
+                request,
+                events,
+                submitted: std::time::Instant::now(),
+            })
             .map_err(|_| SubmitError::Stopped)?;
         Ok(rx)
     }

@@ -5,11 +5,13 @@
 use super::sampling::{logprob_of, Sampler, TokenLogprob};
 use super::stop::StopMatcher;
 use super::{EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, Submission};
+use crate::metrics as m;
 use crate::model::{KvCache, Logits, Model, Segment};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 struct Sequence {
@@ -26,6 +28,9 @@ struct Sequence {
     stop: StopMatcher,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     finished: bool,
+    submitted: Instant,
+    /// When the last token was sent (for inter-token latency).
+    last_token: Option<Instant>,
 }
 
 impl Sequence {
@@ -33,13 +38,16 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
-    fn finish(&mut self, tokenizer: &Tokenizer, reason: FinishReason) {
+    fn finish(&mut self, tokenizer: &Tokenizer, mut reason: FinishReason) {
         let mut tail = String::new();
         if reason == FinishReason::Length {
+            // Text held back (an incomplete character) may still hold a stop string.
             let rest = self.decoder.flush(tokenizer).unwrap_or_default();
             let (text, hit) = self.stop.push(&rest);
             tail = text;
-            if !hit {
+            if hit {
+                reason = FinishReason::Stop;
+            } else {
                 tail += &self.stop.flush();
             }
         }
@@ -118,13 +126,20 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
-            let Some(Submission { request, events }) = self.waiting.pop_front() else {
+            let Some(Submission {
+                request,
+                events,
+                submitted,
+            }) = self.waiting.pop_front()
+            else {
                 break;
             };
             if events.is_closed() {
                 continue;
             }
             let prompt_len = request.prompt.len();
+            metrics::histogram!(m::QUEUE_TIME).record(submitted.elapsed().as_secs_f64());
+            metrics::counter!(m::PROMPT_TOKENS).increment(prompt_len as u64);
             self.running.push(Sequence {
                 sampler: Sampler::new(request.sampling.clone(), &request.prompt),
                 tokens: request.prompt.clone(),
@@ -137,6 +152,8 @@ impl Scheduler {
                 decoder: StreamDecoder::new(),
                 prompt_logprobs: vec![None],
                 finished: false,
+                submitted,
+                last_token: None,
             });
         }
     }
@@ -181,6 +198,7 @@ impl Scheduler {
     fn step(&mut self) {
         let plan = self.plan();
         self.stats.last_batch.store(plan.len(), Ordering::Relaxed);
+        metrics::histogram!(m::BATCH_SIZE).record(plan.len() as f64);
         let outputs = match self.forward(&plan) {
             Ok(o) => o,
             Err(e) => {
@@ -270,6 +288,16 @@ impl Scheduler {
         };
         let (token, logprob) = seq.sampler.sample(&mut last);
         seq.tokens.push(token);
+        let now = Instant::now();
+        match seq.last_token {
+            None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
+                .record((now - seq.submitted).as_secs_f64()),
+            Some(prev) => {
+                metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - prev).as_secs_f64())
+            }
+        }
+        seq.last_token = Some(now);
+        metrics::counter!(m::GENERATED_TOKENS).increment(1);
         let is_eos = tokenizer.eos.contains(&token) && !seq.request.ignore_eos;
         if is_eos {
             seq.finish(&tokenizer, FinishReason::Stop);

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use steerling::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};

@@ -1,0 +1,241 @@
+//! The HTTP API: OpenAI-compatible endpoints on axum, one file per endpoint
+//! family, protocol types in `protocol`, errors in `error`, limits in
+//! `validation`.
+
+mod chat;
+mod completions;
+pub mod error;
+mod generate;
+mod health;
+mod models;
+pub mod openapi;
+pub mod protocol;
+mod streaming;
+pub mod validation;
+
+use crate::engine::Engine;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+pub use generate::Capacity;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use validation::Limits;
+
+/// What every handler sees.
+pub struct AppState {
+    /// Set once the model has loaded; until then inference answers 503.
+    pub engine: OnceLock<Engine>,
+    /// The id clients use in `model`.
+    pub model_id: String,
+    pub limits: Limits,
+    pub capacity: Arc<Capacity>,
+    pub api_key: Option<String>,
+    pub metrics: PrometheusHandle,
+    /// Unix time the server started (the `created` of its models).
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn new(
+        model_id: String,
+        limits: Limits,
+        capacity: usize,
+        api_key: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine: OnceLock::new(),
+            model_id,
+            limits,
+            capacity: Capacity::new(capacity),
+            api_key,
+            metrics: crate::metrics::install(),
+            started: unix_now(),
+        })
+    }
+
+    /// The engine, or 503 while loading.
+    pub fn engine(&self) -> Result<&Engine, ApiError> {
+        self.engine.get().ok_or_else(ApiError::not_ready)
+    }
+
+    /// Checks the request's `model` (absent = the default model).
+    pub fn check_model(&self, model: Option<&str>) -> Result<String, ApiError> {
+        match model {
+            None => Ok(self.model_id.clone()),
+            Some(m) if m == self.model_id => Ok(m.to_string()),
+            Some(m) => Err(ApiError::model_not_found(m)),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh id with a prefix, e.g. `cmpl-3f2a…`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// The whole router: inference behind the optional key, health and docs open.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let inference = Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::retrieve))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    let open = Router::new()
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(health::metrics));
+    let routes = Router::new()
+        .merge(inference)
+        .merge(open)
+        .merge(openapi::routes());
+    with_common_layers(routes, max_body_bytes).with_state(state)
+}
+
+/// Fallbacks, metrics, body limit, panic catching, tracing and request ids:
+/// what every route gets.
+pub fn with_common_layers(
+    routes: Router<Arc<AppState>>,
+    max_body_bytes: usize,
+) -> Router<Arc<AppState>> {
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(record_request))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("No route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+/// A panic in a handler becomes a 500 in the envelope; the detail stays in the log.
+fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown");
+    tracing::error!(panic = detail, "handler panicked");
+    ApiError::internal("Internal error").into_response()
+}
+
+/// Bearer-token check for inference routes, when a key is configured.
+async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so timing does not reveal the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= (x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+/// Counts requests by endpoint and status, and times them.
+async fn record_request(req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    if response.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
+        metrics::counter!(crate::metrics::REJECTED).increment(1);
+    }
+    metrics::counter!(crate::metrics::REQUESTS, "endpoint" => endpoint.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(crate::metrics::REQUEST_DURATION, "endpoint" => endpoint)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and gives
+/// in-flight requests up to `grace` to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        result = &mut server => result,
+        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time; stopping");
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+}

@@ -1,0 +1,41 @@
+//! GET /v1/models and /v1/models/{id}.
+
+use super::error::ApiError;
+use super::protocol::{ErrorResponse, Model, ModelList};
+use super::AppState;
+use axum::extract::{Path, State};
+use axum::Json;
+use std::sync::Arc;
+
+fn served(state: &AppState) -> Vec<Model> {
+    vec![Model {
+        id: state.model_id.clone(),
+        object: "model".into(),
+        created: state.started,
+        owned_by: "steerling".into(),
+        parent: None,
+    }]
+}
+
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
+    responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)))]
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: served(&state),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "OpenAI",
+    params(("id" = String, Path, description = "Model id")),
+    responses((status = 200, body = Model), (status = 404, body = ErrorResponse)))]
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    served(&state)
+        .into_iter()
+        .find(|m| m.id == id)
+        .map(Json)
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}

@@ -1,0 +1,47 @@
+//! The OpenAPI document (generated from the handlers and types by utoipa),
+//! served at /openapi.json, with Swagger UI at /docs (assets in the binary).
+
+use super::protocol::*;
+use super::AppState;
+use axum::Router;
+use std::sync::Arc;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "steerling",
+        description = "OpenAI-compatible inference that steers, and proves, the distribution of outputs across requests."
+    ),
+    paths(
+        super::completions::create,
+        super::chat::create,
+        super::models::list,
+        super::models::retrieve,
+        super::health::health,
+        super::health::ready,
+        super::health::metrics,
+    ),
+    components(schemas(
+        CompletionRequest, CompletionResponse, CompletionChoice, CompletionLogprobs, Prompt, Stop, StreamOptions,
+        SamplingFields, Usage, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk, ChatMessage,
+        MessageContent, ContentPart, ChatChoice, ChatChunkChoice, ChatDelta, ChatResponseMessage, ChatLogprobs,
+        ChatTokenLogprob, TopLogprob, Model, ModelList, ErrorResponse, ErrorBody, Health
+    )),
+    tags((name = "OpenAI", description = "OpenAI-compatible endpoints"), (name = "Operations", description = "Health and metrics"))
+)]
+pub struct ApiDoc;
+
+/// The document as committed in openapi/openapi.json.
+pub fn document() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+}

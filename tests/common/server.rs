@@ -1,0 +1,108 @@
+//! An in-process steerling server on a loopback port, for HTTP tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use steerling::api::{self, validation::Limits, AppState};
+use steerling::engine::{Engine, EngineConfig};
+
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pub handle: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub struct Options {
+    pub model: std::path::PathBuf,
+    pub max_batch: usize,
+    pub max_queued: usize,
+    pub max_body_bytes: usize,
+    pub api_key: Option<String>,
+    pub load: bool,
+    pub limits: Limits,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            model: super::tiny_gguf(),
+            max_batch: 8,
+            max_queued: 64,
+            max_body_bytes: 1 << 20,
+            api_key: None,
+            load: true,
+            limits: Limits {
+                max_total_tokens: 256,
+                max_prompt_tokens: 200,
+                ..Limits::default()
+            },
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start(opts: Options) -> Self {
+        let state = AppState::new(
+            "tiny".into(),
+            opts.limits.clone(),
+            opts.max_batch + opts.max_queued,
+            opts.api_key.clone(),
+        );
+        if opts.load {
+            let config = EngineConfig {
+                max_batch: opts.max_batch,
+                max_context: opts.limits.max_total_tokens,
+                prefill_chunk: 64,
+            };
+            let engine = super::engine_for(&opts.model, config);
+            let _ = state.engine.set(engine);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = api::router(state.clone(), opts.max_body_bytes);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(api::serve(
+            listener,
+            app,
+            async move {
+                let _ = rx.await;
+            },
+            std::time::Duration::from_secs(10),
+        ));
+        Self {
+            base,
+            state,
+            shutdown: Some(tx),
+            handle,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.state.engine.get().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Starts graceful shutdown.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The `data:` payloads of an SSE body.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
