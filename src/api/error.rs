@@ -1,7 +1,7 @@
 //! Every failure as the OpenAI error envelope, with its status: the one place
 //! where errors become HTTP.
 
-use super::protocol::{ErrorBody, ErrorResponse};
+use super::protocol::{ErrorBody, ErrorResponse, SamplingFields};
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -192,26 +192,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                     ApiError::bad_request(format!("Cannot read the request body: {e}"))
                 }
             })?;
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request(format!("The request body is not valid JSON: {e}"))
+        })?;
+        let value = serde_path_to_error::deserialize::<_, T>(value.clone()).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
-            let text = inner.to_string();
-            if inner.is_syntax() || inner.is_eof() {
-                ApiError::bad_request(format!("The request body is not valid JSON: {text}"))
-            } else if let Some(field) = text
+            let text = e.into_inner().to_string();
+            if let Some(field) = text
                 .strip_prefix("missing field `")
                 .and_then(|t| t.split('`').next())
             {
-                ApiError::invalid(field, format!("Missing required parameter `{field}`"))
-            } else if path == "." || path.is_empty() {
-                ApiError::bad_request(format!("Invalid request: {text}"))
-            } else {
-                ApiError::invalid(&path, format!("Invalid `{path}`: {text}"))
+                return ApiError::invalid(field, format!("Missing required parameter `{field}`"));
             }
-        })?;
-        de.end().map_err(|e| {
-            ApiError::bad_request(format!("The request body is not valid JSON: {e}"))
+            if path != "." && !path.is_empty() {
+                return ApiError::invalid(&path, format!("Invalid `{path}`: {text}"));
+            }
+            // serde loses the path inside #[serde(flatten)], which the shared
+            // sampling fields use: look for the culprit there.
+            if let Err(inner) = serde_path_to_error::deserialize::<_, SamplingFields>(value) {
+                let path = inner.path().to_string();
+                if path != "." && !path.is_empty() {
+                    return ApiError::invalid(
+                        &path,
+                        format!("Invalid `{path}`: {}", inner.into_inner()),
+                    );
+                }
+            }
+            ApiError::bad_request(format!("Invalid request: {text}"))
         })?;
         Ok(Json(value))
     }
