@@ -59,7 +59,7 @@ const PROMPT: &str =
 #[test]
 fn tiny_gguf_matches_quantized_llama() {
     let dir = tempfile::tempdir().unwrap();
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
+    for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4_1] {
         let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
         write_tiny_gguf(&path, &TinySpec::default(), dtype).unwrap();
         let (ids, ours) = our_logits(&ModelSource::Gguf(path.clone()), PROMPT);

@@ -366,6 +366,10 @@ macro_rules! x16_dispatch {
 #[cfg(target_arch = "x86_64")]
 use x16_dispatch;
 
+/// Quantizes 32 activations as candle's Q8_1 does: rounding half away from
+/// zero, d stored as f16, and s = f16(Σq)·f16(d) rounded to f16 (ggml rounds
+/// d·Σq once instead). Matching it keeps our logits within float-summation
+/// noise of candle-transformers' on the same file.
 fn quantize_block(x: &[f32]) -> BlockQ8 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -373,14 +377,13 @@ fn quantize_block(x: &[f32]) -> BlockQ8 {
     let mut qs = [0i8; BLOCK];
     let mut sum = 0i32;
     for (q, v) in qs.iter_mut().zip(x) {
-        // Ties to even, as ggml's SIMD path does; it maps to one instruction.
-        *q = (v * id).round_ties_even() as i8;
+        *q = (v * id).round() as i8;
         sum += *q as i32;
     }
     let qu = qs.map(|q| (q as i16 + 128) as u8);
     BlockQ8 {
-        d,
-        s: d * sum as f32,
+        d: f16::from_f32(d).to_f32(),
+        s: (f16::from_f32(sum as f32) * f16::from_f32(d)).to_f32(),
         qs,
         qu,
     }
