@@ -7,5 +7,7 @@ pub mod engine;
 pub mod fetch;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
+pub mod steering;
 pub mod testing;
 pub mod tokenizer;

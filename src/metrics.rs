@@ -14,6 +14,12 @@ pub const RUNNING: &str = "steerling_running_sequences";
 pub const WAITING: &str = "steerling_waiting_sequences";
 pub const BATCH_SIZE: &str = "steerling_batch_size";
 pub const REJECTED: &str = "steerling_rejected_requests_total";
+pub const STEERING_DRAWS: &str = "steerling_steering_draws_total";
+pub const STEERING_DETECTED: &str = "steerling_steering_detected_total";
+pub const STEERING_MAE: &str = "steerling_steering_mae";
+pub const STEERING_KL: &str = "steerling_steering_kl";
+pub const STEERING_JS: &str = "steerling_steering_js_distance";
+pub const STEERING_STATUS: &str = "steerling_steering_status";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -375,3 +375,117 @@ pub fn write_tiny_hf(dir: &Path, spec: &TinySpec, dtype: DType) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A hand-built steering adapter for tests: K values named `v0`, `v1`, …
+/// (detected by the words `alpha0`, `alpha1`, …), random steering rows
+/// scaled by `head_scale` (0 gives a uniform prior), optional rank-2 LoRA on
+/// q/v, the given default and per-context targets.
+pub struct TestAdapter {
+    pub values: usize,
+    pub head_scale: f32,
+    pub lora: bool,
+    pub default_target: Vec<f64>,
+    pub contexts: Vec<(String, Vec<f64>)>,
+    pub seed: u64,
+}
+
+impl Default for TestAdapter {
+    fn default() -> Self {
+        Self {
+            values: 2,
+            head_scale: 1.0,
+            lora: true,
+            default_target: vec![0.5, 0.5],
+            contexts: vec![],
+            seed: 3,
+        }
+    }
+}
+
+/// Writes `dir/<name>/adapter.json` and `adapter.safetensors` for a model.
+pub fn write_test_adapter(
+    dir: &Path,
+    name: &str,
+    model: &crate::model::ModelConfig,
+    base_sha256: &str,
+    spec: &TestAdapter,
+) -> Result<()> {
+    use crate::steering::adapter::*;
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder)?;
+    let names: Vec<String> = (0..spec.values).map(|i| format!("v{i}")).collect();
+    let dist =
+        |p: &[f64]| -> Distribution { names.iter().cloned().zip(p.iter().copied()).collect() };
+    let config = AdapterConfig {
+        format_version: FORMAT_VERSION,
+        base_model: BaseModel {
+            name: "tiny".into(),
+            sha256: base_sha256.into(),
+        },
+        prompt_format: PromptFormat::default(),
+        attribute: Attribute {
+            name: "letter".into(),
+            values: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| AttributeValue {
+                    name: n.clone(),
+                    token: format!("<steer:{n}>"),
+                    patterns: vec![format!("alpha{i}")],
+                })
+                .collect(),
+        },
+        detection: Detection::default(),
+        targets: Targets {
+            default: dist(&spec.default_target),
+            contexts: spec
+                .contexts
+                .iter()
+                .map(|(c, p)| (c.clone(), dist(p)))
+                .collect(),
+        },
+        lora: spec.lora.then(|| LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            dropout: 0.0,
+        }),
+        training: serde_json::json!({"made_by": "steerling::testing"}),
+    };
+    std::fs::write(
+        folder.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    let dev = Device::Cpu;
+    let mut seed = spec.seed.max(1);
+    let mut rand = |shape: &[usize], scale: f32| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    let h = model.hidden_size;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    tensors.insert("steering.embed".into(), rand(&[spec.values, h], 0.15)?);
+    tensors.insert(
+        "steering.head".into(),
+        rand(&[spec.values, h], spec.head_scale)?,
+    );
+    if spec.lora {
+        for l in 0..model.num_layers {
+            for kind in [crate::model::ProjKind::Q, crate::model::ProjKind::V] {
+                let (out, inp) = model.proj_shape(kind);
+                tensors.insert(lora_tensor_name(l, kind, "a"), rand(&[2, inp], 0.1)?);
+                tensors.insert(lora_tensor_name(l, kind, "b"), rand(&[out, 2], 0.1)?);
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, folder.join(WEIGHTS_FILE))?;
+    Ok(())
+}

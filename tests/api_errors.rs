@@ -270,7 +270,7 @@ async fn not_ready_until_the_model_loads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_a_500_without_details() {
     use axum::routing::get;
-    let state = steerling::api::AppState::new("m".into(), Default::default(), 1, None);
+    let state = steerling::api::AppState::new(Default::default());
     let routes = axum::Router::new().route(
         "/boom",
         get(|| async { panic!("secret internals") as &str }),

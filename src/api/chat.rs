@@ -6,7 +6,7 @@ use super::generate;
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessage, ChatResponseMessage,
-    ChatTokenLogprob, ErrorResponse, MessageContent, TopLogprob, Usage,
+    ChatTokenLogprob, ErrorResponse, MessageContent, SteeringInfo, TopLogprob, Usage,
 };
 use super::streaming::{self, ChunkFormat};
 use super::{new_id, unix_now, AppState};
@@ -15,7 +15,7 @@ use crate::tokenizer::Tokenizer;
 use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Alternatives per token the chat API allows.
@@ -113,9 +113,31 @@ pub async fn create(
     Json(req): Json<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let model = state.check_model(req.model.as_deref())?;
     let limits = &state.limits;
     let tok = engine.tokenizer();
+    // The context is looked for in what the user wrote.
+    let said = || {
+        req.messages
+            .iter()
+            .filter_map(|m| match &m.content {
+                Some(MessageContent::Text(t)) => Some(t.clone()),
+                Some(MessageContent::Parts(p)) => Some(
+                    p.iter()
+                        .filter_map(|x| x.text.clone())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ),
+                None => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (model, steer) = super::steering::plan(
+        &state,
+        req.model.as_deref(),
+        req.sampling.steering.as_ref(),
+        said,
+    )?;
     let text = render_chat(tok, &req.messages)?;
     // The template writes any BOS itself.
     let prompt = tok
@@ -158,14 +180,19 @@ pub async fn create(
     } else {
         "max_tokens"
     };
-    let max_tokens = super::validation::fit_context(prompt.len(), requested, param, limits)?;
+    // The steering token goes right after the assistant turn opens: at the
+    // end of the rendered prompt, as in training.
+    let steered = usize::from(steer.is_some());
+    let max_tokens =
+        super::validation::fit_context(prompt.len() + steered, requested, param, limits)?;
     let requests = (0..n)
         .map(|j| {
-            (
-                j,
-                0,
-                super::validation::engine_request(prompt.clone(), max_tokens, &params, &stop, j),
-            )
+            let mut r =
+                super::validation::engine_request(prompt.clone(), max_tokens, &params, &stop, j);
+            if let Some(s) = &steer {
+                s.attach(&mut r, &state.balanced, req.sampling.seed, j);
+            }
+            (j, 0, r)
         })
         .collect::<Vec<_>>();
     let permit = state.capacity.try_acquire(n)?;
@@ -188,6 +215,10 @@ pub async fn create(
                 prompt_tokens: prompt.len(),
                 ..Usage::default()
             },
+            steering: steer.clone(),
+            state: state.clone(),
+            texts: HashMap::new(),
+            draws: HashMap::new(),
         };
         return Ok(streaming::respond(choices, format, permit));
     }
@@ -198,12 +229,16 @@ pub async fn create(
         .into_iter()
         .map(|f| ChatChoice {
             index: f.index,
+            logprobs: top.map(|_| chat_logprobs(tok, &f.tokens, &f.logprobs)),
+            finish_reason: Some(f.finish.as_str().into()),
+            steering: match (&steer, &f.steering) {
+                (Some(p), Some((value, prior))) => p.finish(&state, *value, prior, &f.text),
+                _ => None,
+            },
             message: ChatResponseMessage {
                 role: "assistant".into(),
                 content: f.text,
             },
-            logprobs: top.map(|_| chat_logprobs(tok, &f.tokens, &f.logprobs)),
-            finish_reason: Some(f.finish.as_str().into()),
         })
         .collect();
     Ok(axum::Json(ChatCompletionResponse {
@@ -257,6 +292,11 @@ struct ChatChunks {
     started: HashSet<usize>,
     include_usage: bool,
     usage: Usage,
+    steering: Option<super::steering::Plan>,
+    state: Arc<AppState>,
+    /// Per choice: the text so far and the draw (for recording the round).
+    texts: HashMap<usize, String>,
+    draws: HashMap<usize, (usize, Vec<f64>)>,
 }
 
 impl ChatChunks {
@@ -277,6 +317,7 @@ impl ChatChunks {
         content: Option<String>,
         logprobs: Option<ChatLogprobs>,
         finish: Option<&str>,
+        steering: Option<SteeringInfo>,
     ) -> SseEvent {
         let role = self.started.insert(index).then(|| "assistant".to_string());
         let content = if role.is_some() {
@@ -290,6 +331,7 @@ impl ChatChunks {
                 delta: ChatDelta { role, content },
                 logprobs,
                 finish_reason: finish.map(str::to_string),
+                steering,
             }],
             None,
         )
@@ -300,14 +342,19 @@ impl ChunkFormat for ChatChunks {
     fn on_event(&mut self, index: usize, event: Event) -> Result<Vec<SseEvent>, ApiError> {
         Ok(match event {
             Event::PromptLogprobs(_) => vec![],
+            Event::Steering { value, prior } => {
+                self.draws.insert(index, (value, prior));
+                vec![]
+            }
             Event::Token { id, text, logprob } => {
                 if text.is_empty() && !self.logprobs {
                     return Ok(vec![]);
                 }
+                self.texts.entry(index).or_default().push_str(&text);
                 let lp = self
                     .logprobs
                     .then(|| chat_logprobs(self.engine.tokenizer(), &[id], &[logprob]));
-                vec![self.delta(index, Some(text), lp, None)]
+                vec![self.delta(index, Some(text), lp, None, None)]
             }
             Event::Done {
                 reason,
@@ -316,8 +363,16 @@ impl ChunkFormat for ChatChunks {
                 ..
             } => {
                 self.usage.completion_tokens += completion_tokens;
+                let text = self.texts.entry(index).or_default();
+                text.push_str(&tail);
+                let info = match (&self.steering, self.draws.get(&index)) {
+                    (Some(plan), Some((value, prior))) => {
+                        plan.finish(&self.state, *value, prior, text)
+                    }
+                    _ => None,
+                };
                 let content = (!tail.is_empty()).then_some(tail);
-                vec![self.delta(index, content, None, Some(reason.as_str()))]
+                vec![self.delta(index, content, None, Some(reason.as_str()), info)]
             }
             Event::Error(e) => return Err(ApiError::internal(e)),
         })

@@ -4,10 +4,11 @@ use super::error::{ApiError, Json};
 use super::generate::{self, Finished};
 use super::protocol::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
-    Prompt, Usage,
+    Prompt, SteeringInfo, Usage,
 };
+use super::steering;
 use super::streaming::{self, ChunkFormat};
-use super::validation::{self, Limits};
+use super::validation;
 use super::{new_id, unix_now, AppState};
 use crate::engine::{Engine, Event, TokenLogprob};
 use crate::tokenizer::Tokenizer;
@@ -22,6 +23,8 @@ const MAX_LOGPROBS: usize = 5;
 
 /// A checked request, ready for the engine.
 struct Plan {
+    model: String,
+    steering: Option<steering::Plan>,
     prompts: Vec<Vec<u32>>,
     prompt_texts: Vec<String>,
     n: usize,
@@ -29,7 +32,44 @@ struct Plan {
     requests: Vec<(usize, usize, crate::engine::GenerateRequest)>,
 }
 
-fn plan(req: &CompletionRequest, engine: &Engine, limits: &Limits) -> Result<Plan, ApiError> {
+/// The user's prompt as text (for finding the steering context).
+fn prompt_text(prompt: &Prompt, tok: &Tokenizer) -> String {
+    let decode = |ids: &Vec<u32>| tok.decode(ids).unwrap_or_default();
+    match prompt {
+        Prompt::Text(s) => s.clone(),
+        Prompt::Texts(v) => v.join("\n"),
+        Prompt::Tokens(ids) => decode(ids),
+        Prompt::TokenLists(l) => l.iter().map(decode).collect::<Vec<_>>().join("\n"),
+    }
+}
+
+/// The prompt wrapped in the adapter's prompt format, when steered.
+fn formatted(
+    prompt: &Prompt,
+    steer: Option<&steering::Plan>,
+    tok: &Tokenizer,
+) -> Result<Prompt, ApiError> {
+    let Some(plan) = steer else {
+        return Ok(prompt.clone());
+    };
+    let encode = |s: &str| {
+        tok.encode(s, false)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    };
+    let f = &plan.adapter.config.prompt_format;
+    let wrap = |ids: &Vec<u32>| -> Result<Vec<u32>, ApiError> {
+        Ok([encode(&f.prefix)?, ids.clone(), encode(&f.suffix)?].concat())
+    };
+    Ok(match prompt {
+        Prompt::Text(s) => Prompt::Text(plan.format_prompt(s)),
+        Prompt::Texts(v) => Prompt::Texts(v.iter().map(|s| plan.format_prompt(s)).collect()),
+        Prompt::Tokens(ids) => Prompt::Tokens(wrap(ids)?),
+        Prompt::TokenLists(l) => Prompt::TokenLists(l.iter().map(wrap).collect::<Result<_, _>>()?),
+    })
+}
+
+fn plan(req: &CompletionRequest, state: &AppState, engine: &Engine) -> Result<Plan, ApiError> {
+    let limits = &state.limits;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "suffix",
@@ -38,7 +78,14 @@ fn plan(req: &CompletionRequest, engine: &Engine, limits: &Limits) -> Result<Pla
     }
     let tok = engine.tokenizer();
     let vocab = engine.vocab_size();
-    let prompts = validation::prompts(&req.prompt, tok, vocab, limits)?;
+    let (model, steer) = steering::plan(
+        state,
+        req.model.as_deref(),
+        req.sampling.steering.as_ref(),
+        || prompt_text(&req.prompt, tok),
+    )?;
+    let prompt = formatted(&req.prompt, steer.as_ref(), tok)?;
+    let prompts = validation::prompts(&prompt, tok, vocab, limits)?;
     let mut params = validation::sampling_params(&req.sampling, vocab, limits)?;
     let stop = validation::stop_strings(&req.sampling, limits)?;
     if let Some(n) = req.logprobs.filter(|&n| n > MAX_LOGPROBS) {
@@ -61,10 +108,22 @@ fn plan(req: &CompletionRequest, engine: &Engine, limits: &Limits) -> Result<Pla
             "`best_of` cannot be used with `stream`",
         ));
     }
+    if best_of > n && steer.is_some() {
+        return Err(ApiError::invalid(
+            "best_of",
+            "`best_of` cannot be used with a steering adapter: choosing among draws would bias the served distribution",
+        ));
+    }
     validation::choices("best_of", Some(best_of), prompts.len(), limits)?;
     let max_tokens = req.max_tokens.unwrap_or(16);
     for p in &prompts {
-        validation::fit_context(p.len(), Some(max_tokens), "max_tokens", limits)?;
+        // A steered round also takes one position for its hidden token.
+        validation::fit_context(
+            p.len() + usize::from(steer.is_some()),
+            Some(max_tokens),
+            "max_tokens",
+            limits,
+        )?;
     }
     // Ranking best_of candidates needs the sampled tokens' log-probabilities.
     params.logprobs = req.logprobs.or((best_of > n).then_some(0));
@@ -75,10 +134,13 @@ fn plan(req: &CompletionRequest, engine: &Engine, limits: &Limits) -> Result<Pla
             if req.echo {
                 r.prompt_logprobs = req.logprobs;
             }
+            if let Some(s) = &steer {
+                s.attach(&mut r, &state.balanced, req.sampling.seed, pi * best_of + j);
+            }
             requests.push((pi * best_of + j, pi, r));
         }
     }
-    let prompt_texts = match &req.prompt {
+    let prompt_texts = match &prompt {
         Prompt::Text(s) => vec![s.clone()],
         Prompt::Texts(v) => v.clone(),
         _ => prompts
@@ -87,6 +149,8 @@ fn plan(req: &CompletionRequest, engine: &Engine, limits: &Limits) -> Result<Pla
             .collect(),
     };
     Ok(Plan {
+        model,
+        steering: steer,
         prompts,
         prompt_texts,
         n,
@@ -116,8 +180,8 @@ pub async fn create(
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let model = state.check_model(req.model.as_deref())?;
-    let plan = plan(&req, engine, &state.limits)?;
+    let plan = plan(&req, &state, engine)?;
+    let model = plan.model.clone();
     let permit = state.capacity.try_acquire(plan.requests.len())?;
     let choices = generate::submit_all(engine, plan.requests)?;
     let id = new_id("cmpl");
@@ -138,6 +202,8 @@ pub async fn create(
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
             usage: Usage::default(),
+            steering: plan.steering.clone(),
+            state: state.clone(),
         };
         return Ok(streaming::respond(choices, format, permit));
     }
@@ -164,11 +230,16 @@ pub async fn create(
             let logprobs = req
                 .logprobs
                 .map(|_| completion_logprobs(tok, prompt, &f.tokens, &f.logprobs));
+            let steering = match (&plan.steering, &f.steering) {
+                (Some(p), Some((value, prior))) => p.finish(&state, *value, prior, &f.text),
+                _ => None,
+            };
             CompletionChoice {
                 index,
                 text: format!("{}{}", prompt_text.unwrap_or(""), f.text),
                 logprobs,
                 finish_reason: Some(f.finish.as_str().into()),
+                steering,
             }
         })
         .collect();
@@ -256,6 +327,9 @@ struct ChoiceStream {
     echoed: bool,
     /// Characters sent so far (for text_offset).
     offset: usize,
+    /// The generated text (for recording the steered round).
+    text: String,
+    draw: Option<(usize, Vec<f64>)>,
 }
 
 struct CompletionChunks {
@@ -270,6 +344,8 @@ struct CompletionChunks {
     choice_state: HashMap<usize, ChoiceStream>,
     include_usage: bool,
     usage: Usage,
+    steering: Option<steering::Plan>,
+    state: Arc<AppState>,
 }
 
 impl CompletionChunks {
@@ -279,6 +355,17 @@ impl CompletionChunks {
         text: String,
         logprobs: Option<CompletionLogprobs>,
         finish: Option<&str>,
+    ) -> SseEvent {
+        self.chunk_with(index, text, logprobs, finish, None)
+    }
+
+    fn chunk_with(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish: Option<&str>,
+        steering: Option<SteeringInfo>,
     ) -> SseEvent {
         streaming::data(&CompletionResponse {
             id: self.id.clone(),
@@ -290,6 +377,7 @@ impl CompletionChunks {
                 text,
                 logprobs,
                 finish_reason: finish.map(str::to_string),
+                steering,
             }],
             usage: None,
         })
@@ -329,6 +417,9 @@ impl ChunkFormat for CompletionChunks {
         let mut out = Vec::new();
         match event {
             Event::PromptLogprobs(lps) => out.extend(self.echo_chunk(index, Some(&lps))),
+            Event::Steering { value, prior } => {
+                self.choice_state.entry(index).or_default().draw = Some((value, prior))
+            }
             Event::Token { id, text, logprob } => {
                 if self.logprobs.is_none() {
                     out.extend(self.echo_chunk(index, None));
@@ -338,6 +429,7 @@ impl ChunkFormat for CompletionChunks {
                 }
                 let tok = self.tokenizer.tokenizer();
                 let state = self.choice_state.entry(index).or_default();
+                state.text += &text;
                 let logprobs = self.logprobs.map(|_| {
                     let mut lp = completion_logprobs(tok, None, &[id], &[logprob]);
                     lp.text_offset = vec![state.offset];
@@ -357,7 +449,15 @@ impl ChunkFormat for CompletionChunks {
                     self.usage.prompt_tokens += prompt_tokens;
                 }
                 self.usage.completion_tokens += completion_tokens;
-                out.push(self.chunk(index, tail, None, Some(reason.as_str())));
+                let choice = self.choice_state.entry(index).or_default();
+                choice.text += &tail;
+                let info = match (&self.steering, &choice.draw) {
+                    (Some(plan), Some((value, prior))) => {
+                        plan.finish(&self.state, *value, prior, &choice.text)
+                    }
+                    _ => None,
+                };
+                out.push(self.chunk_with(index, tail, None, Some(reason.as_str()), info));
             }
             Event::Error(e) => return Err(ApiError::internal(e)),
         }

@@ -96,6 +96,15 @@ impl ApiError {
         )
     }
 
+    pub fn admin_disabled() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            Some("admin_disabled"),
+            "Admin endpoints are off: start the server with --admin-key (or bind it to loopback)",
+        )
+    }
+
     pub fn overloaded(retry_after: u64) -> Self {
         Self {
             retry_after: Some(retry_after),

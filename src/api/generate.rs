@@ -85,6 +85,8 @@ pub struct Finished {
     pub finish: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// A steered round's draw: (value, prior).
+    pub steering: Option<(usize, Vec<f64>)>,
 }
 
 fn submit_error(e: SubmitError) -> ApiError {
@@ -124,10 +126,12 @@ pub async fn finish(mut choice: Choice) -> Result<Finished, ApiError> {
         finish: FinishReason::Stop,
         prompt_tokens: 0,
         completion_tokens: 0,
+        steering: None,
     };
     while let Some(event) = choice.events.recv().await {
         match event {
             Event::PromptLogprobs(lp) => out.prompt_logprobs = Some(lp),
+            Event::Steering { value, prior } => out.steering = Some((value, prior)),
             Event::Token { id, text, logprob } => {
                 out.tokens.push(id);
                 out.text += &text;

@@ -35,6 +35,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         metrics::gauge!(crate::metrics::RUNNING).set(engine.running() as f64);
         metrics::gauge!(crate::metrics::WAITING).set(engine.waiting() as f64);
     }
+    state.monitor.update_gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -2,18 +2,23 @@
 //! family, protocol types in `protocol`, errors in `error`, limits in
 //! `validation`.
 
+mod adapters;
 mod chat;
 mod completions;
+mod distribution;
 pub mod error;
 mod generate;
 mod health;
 mod models;
 pub mod openapi;
 pub mod protocol;
+pub mod steering;
 mod streaming;
 pub mod validation;
 
 use crate::engine::Engine;
+use crate::monitor::{Monitor, MonitorConfig};
+use crate::steering::{BalancedCounts, BaseIdentity, Policy, Registry};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
@@ -29,36 +34,97 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use validation::Limits;
 
+/// Server settings that shape the API.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The id clients use in `model` for the base model.
+    pub model_id: String,
+    pub limits: Limits,
+    /// Sequences admitted at once (running + queued); past it, 429.
+    pub capacity: usize,
+    pub api_key: Option<String>,
+    /// Key for training, adapter load/unload and distribution reset.
+    pub admin_key: Option<String>,
+    /// Without an admin key, allow admin calls (the server listens on loopback only).
+    pub admin_open: bool,
+    /// Policy for steered requests that name none.
+    pub default_policy: Policy,
+    pub monitor: MonitorConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model_id: "model".into(),
+            limits: Limits::default(),
+            capacity: 160,
+            api_key: None,
+            admin_key: None,
+            admin_open: true,
+            default_policy: Policy::Prior,
+            monitor: MonitorConfig::default(),
+        }
+    }
+}
+
 /// What every handler sees.
 pub struct AppState {
     /// Set once the model has loaded; until then inference answers 503.
     pub engine: OnceLock<Engine>,
-    /// The id clients use in `model`.
+    /// Adapters, set together with the engine.
+    pub registry: OnceLock<Registry>,
     pub model_id: String,
     pub limits: Limits,
     pub capacity: Arc<Capacity>,
     pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub admin_open: bool,
+    pub default_policy: Policy,
+    pub monitor: Monitor,
+    /// Counts behind the balanced policy.
+    pub balanced: Arc<BalancedCounts>,
     pub metrics: PrometheusHandle,
     /// Unix time the server started (the `created` of its models).
     pub started: u64,
 }
 
 impl AppState {
-    pub fn new(
-        model_id: String,
-        limits: Limits,
-        capacity: usize,
-        api_key: Option<String>,
-    ) -> Arc<Self> {
+    pub fn new(settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             engine: OnceLock::new(),
-            model_id,
-            limits,
-            capacity: Capacity::new(capacity),
-            api_key,
+            registry: OnceLock::new(),
+            model_id: settings.model_id,
+            limits: settings.limits,
+            capacity: Capacity::new(settings.capacity),
+            api_key: settings.api_key,
+            admin_key: settings.admin_key,
+            admin_open: settings.admin_open,
+            default_policy: settings.default_policy,
+            monitor: Monitor::new(settings.monitor),
+            balanced: Arc::new(BalancedCounts::default()),
             metrics: crate::metrics::install(),
             started: unix_now(),
         })
+    }
+
+    /// Makes the server ready: the engine, and adapters from `adapters_dir`
+    /// (a damaged one is skipped with an error; the rest load).
+    pub fn set_loaded(&self, engine: Engine, adapters_dir: std::path::PathBuf) {
+        let base = BaseIdentity {
+            name: self.model_id.clone(),
+            sha256: engine.model_sha256().to_string(),
+        };
+        let registry = Registry::new(adapters_dir, base, engine.model_config().clone());
+        for (name, result) in registry.load_all() {
+            match result {
+                Ok(()) => tracing::info!(adapter = %name, "adapter loaded"),
+                Err(e) => {
+                    tracing::error!(adapter = %name, error = format!("{e:#}"), "adapter skipped")
+                }
+            }
+        }
+        let _ = self.registry.set(registry);
+        let _ = self.engine.set(engine);
     }
 
     /// The engine, or 503 while loading.
@@ -66,12 +132,21 @@ impl AppState {
         self.engine.get().ok_or_else(ApiError::not_ready)
     }
 
-    /// Checks the request's `model` (absent = the default model).
-    pub fn check_model(&self, model: Option<&str>) -> Result<String, ApiError> {
+    pub fn registry(&self) -> Result<&Registry, ApiError> {
+        self.registry.get().ok_or_else(ApiError::not_ready)
+    }
+
+    /// The request's `model`: absent or the base id = the base model; an
+    /// adapter's name = that adapter.
+    pub fn resolve_model(&self, model: Option<&str>) -> Result<steering::Served, ApiError> {
         match model {
-            None => Ok(self.model_id.clone()),
-            Some(m) if m == self.model_id => Ok(m.to_string()),
-            Some(m) => Err(ApiError::model_not_found(m)),
+            None => Ok(steering::Served::Base),
+            Some(m) if m == self.model_id => Ok(steering::Served::Base),
+            Some(m) => self
+                .registry()?
+                .get(m)
+                .map(steering::Served::Adapter)
+                .ok_or_else(|| ApiError::model_not_found(m)),
         }
     }
 }
@@ -94,13 +169,22 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::retrieve))
+        .route("/adapters", get(adapters::list))
+        .route("/distribution/report", get(distribution::report))
+        .route("/distribution", get(distribution::page))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    let admin = Router::new()
+        .route("/adapters/{name}/load", post(adapters::load))
+        .route("/adapters/{name}", axum::routing::delete(adapters::unload))
+        .route("/distribution/reset", post(distribution::reset))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let open = Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics));
     let routes = Router::new()
         .merge(inference)
+        .merge(admin)
         .merge(open)
         .merge(openapi::routes());
     with_common_layers(routes, max_body_bytes).with_state(state)
@@ -161,6 +245,27 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// Admin routes: the admin key when one is set; without one, only when the
+/// server listens on loopback, else 403.
+async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match &state.admin_key {
+        Some(key) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+        None if !state.admin_open => return ApiError::admin_disabled().into_response(),
+        None => {}
     }
     next.run(req).await
 }

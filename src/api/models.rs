@@ -1,4 +1,4 @@
-//! GET /v1/models and /v1/models/{id}.
+//! GET /v1/models and /v1/models/{id}: the base model and every adapter.
 
 use super::error::ApiError;
 use super::protocol::{ErrorResponse, Model, ModelList};
@@ -8,13 +8,23 @@ use axum::Json;
 use std::sync::Arc;
 
 fn served(state: &AppState) -> Vec<Model> {
-    vec![Model {
+    let mut models = vec![Model {
         id: state.model_id.clone(),
         object: "model".into(),
         created: state.started,
         owned_by: "steerling".into(),
         parent: None,
-    }]
+    }];
+    if let Some(registry) = state.registry.get() {
+        models.extend(registry.list().iter().map(|a| Model {
+            id: a.name.clone(),
+            object: "model".into(),
+            created: state.started,
+            owned_by: "steerling".into(),
+            parent: Some(state.model_id.clone()),
+        }));
+    }
+    models
 }
 
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI",

@@ -22,14 +22,26 @@ use utoipa_swagger_ui::SwaggerUi;
         super::health::health,
         super::health::ready,
         super::health::metrics,
+        super::adapters::list,
+        super::adapters::load,
+        super::adapters::unload,
+        super::distribution::report,
+        super::distribution::page,
+        super::distribution::reset,
     ),
     components(schemas(
         CompletionRequest, CompletionResponse, CompletionChoice, CompletionLogprobs, Prompt, Stop, StreamOptions,
         SamplingFields, Usage, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk, ChatMessage,
         MessageContent, ContentPart, ChatChoice, ChatChunkChoice, ChatDelta, ChatResponseMessage, ChatLogprobs,
-        ChatTokenLogprob, TopLogprob, Model, ModelList, ErrorResponse, ErrorBody, Health
+        ChatTokenLogprob, TopLogprob, Model, ModelList, ErrorResponse, ErrorBody, Health,
+        SteeringOptions, SteeringInfo, crate::steering::Policy,
+        super::adapters::AdapterInfo, super::adapters::AdapterList,
+        super::distribution::ResetRequest, super::distribution::ResetResponse,
+        crate::monitor::report::Report, crate::monitor::report::AdapterReport, crate::monitor::report::WindowReport,
+        crate::monitor::report::WindowKind, crate::monitor::report::Status, crate::monitor::report::Proportion,
+        crate::monitor::report::Divergence
     )),
-    tags((name = "OpenAI", description = "OpenAI-compatible endpoints"), (name = "Operations", description = "Health and metrics"))
+    tags((name = "OpenAI", description = "OpenAI-compatible endpoints"), (name = "Operations", description = "Health and metrics"), (name = "Steering", description = "Adapters and the served distribution"))
 )]
 pub struct ApiDoc;
 

@@ -1,7 +1,7 @@
 //! The OpenAI wire protocol: every request and response type, in one place.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use utoipa::ToSchema;
 
 /// `prompt`: a string, several strings, token ids, or several lists of ids.
@@ -66,6 +66,32 @@ pub struct SamplingFields {
     pub min_p: Option<f32>,
     /// Extension: > 0; 1 = off.
     pub repetition_penalty: Option<f32>,
+    /// Extension: how a steering adapter draws this request's rounds.
+    pub steering: Option<SteeringOptions>,
+}
+
+/// The `steering` request extension (ignored by plain OpenAI clients).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct SteeringOptions {
+    /// prior (default: the server's setting), target, balanced, or off.
+    pub policy: Option<crate::steering::Policy>,
+    /// The context whose target applies (default: the longest context name
+    /// found in the prompt, else `default`).
+    pub context: Option<String>,
+    /// Return each choice's drawn value and prior.
+    #[serde(default, rename = "return")]
+    pub return_draw: bool,
+}
+
+/// What a steered choice drew (with `steering.return`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct SteeringInfo {
+    pub attribute: String,
+    pub value: String,
+    /// The adapter's prior over values at this prompt.
+    pub prior: BTreeMap<String, f64>,
+    pub context: String,
+    pub policy: crate::steering::Policy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -104,6 +130,9 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     /// `stop` or `length`; null in stream chunks until the last.
     pub finish_reason: Option<String>,
+    /// With `steering.return` (in streams: on the choice's last chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringInfo>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -198,6 +227,8 @@ pub struct ChatChoice {
     pub message: ChatResponseMessage,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -225,6 +256,8 @@ pub struct ChatChunkChoice {
     pub delta: ChatDelta,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

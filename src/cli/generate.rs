@@ -102,7 +102,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 return Ok(());
             }
             Event::Error(e) => bail!(e),
-            Event::PromptLogprobs(_) => {}
+            Event::PromptLogprobs(_) | Event::Steering { .. } => {}
         }
     }
     bail!("the engine stopped before finishing")

@@ -1,9 +1,11 @@
 //! `steerling serve`: the HTTP server.
 
 use super::ModelArgs;
-use crate::api::{self, validation::Limits, AppState};
+use crate::api::{self, validation::Limits, AppState, Settings};
 use crate::engine::{Engine, EngineConfig};
 use crate::model::{load_model, ModelSource};
+use crate::monitor::MonitorConfig;
+use crate::steering::Policy;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -48,6 +50,48 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/Ctrl-C.
     #[arg(long, env = "STEERLING_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Folder of steering adapters, loaded at start.
+    #[arg(long, env = "STEERLING_ADAPTERS", default_value = "adapters")]
+    pub adapters: PathBuf,
+    /// Key for admin endpoints (adapter load/unload, training, distribution
+    /// reset). Without one they are open on a loopback address and off (403)
+    /// on any other.
+    #[arg(long, env = "STEERLING_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Policy of steered requests that name none: prior, target, balanced, off.
+    #[arg(long, env = "STEERLING_DEFAULT_POLICY", default_value = "prior", value_parser = parse_policy)]
+    pub default_policy: Policy,
+    /// The report's count window: the last N rounds.
+    #[arg(long, env = "STEERLING_WINDOW_ROUNDS", default_value_t = 1000)]
+    pub window_rounds: usize,
+    /// The report's time window, in seconds.
+    #[arg(long, env = "STEERLING_WINDOW_SECONDS", default_value_t = 3600)]
+    pub window_seconds: u64,
+    /// Rounds with a detected value needed before a status is given.
+    #[arg(long, env = "STEERLING_REPORT_MIN_ROUNDS", default_value_t = 30)]
+    pub report_min_rounds: usize,
+    /// MAE (served vs target) above which the status is warn.
+    #[arg(long, env = "STEERLING_WARN_MAE", default_value_t = 0.05)]
+    pub warn_mae: f64,
+    /// MAE above which the status is alert.
+    #[arg(long, env = "STEERLING_ALERT_MAE", default_value_t = 0.10)]
+    pub alert_mae: f64,
+    /// Label steering metrics with the context too (unbounded label sets: opt in).
+    #[arg(long, env = "STEERLING_METRICS_CONTEXT_LABELS")]
+    pub metrics_context_labels: bool,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("unknown policy `{s}` (prior, target, balanced, off)"))
+}
+
+/// Whether `host` only accepts local connections.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The served id: the file or folder name, without `.gguf`.
@@ -77,12 +121,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_stop: args.max_stop,
         ..Limits::default()
     };
-    let state = AppState::new(
-        default_model_id(&args),
+    let state = AppState::new(Settings {
+        model_id: default_model_id(&args),
         limits,
-        args.max_batch + args.max_queued,
-        args.api_key.clone(),
-    );
+        capacity: args.max_batch + args.max_queued,
+        api_key: args.api_key.clone(),
+        admin_key: args.admin_key.clone(),
+        admin_open: is_loopback(&args.host),
+        default_policy: args.default_policy,
+        monitor: MonitorConfig {
+            window_rounds: args.window_rounds.max(1),
+            window_time: Duration::from_secs(args.window_seconds.max(1)),
+            min_rounds: args.report_min_rounds,
+            warn_mae: args.warn_mae,
+            alert_mae: args.alert_mae,
+            context_labels: args.metrics_context_labels,
+        },
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("steerling-http")
@@ -105,6 +160,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 /// when done. A load failure ends the process: there is nothing to serve.
 fn spawn_model_load(state: std::sync::Arc<AppState>, args: &ServeArgs) {
     let model_args = args.model.clone();
+    let adapters = args.adapters.clone();
     let config = EngineConfig {
         max_batch: args.max_batch,
         max_context: args.model.max_context,
@@ -118,7 +174,7 @@ fn spawn_model_load(state: std::sync::Arc<AppState>, args: &ServeArgs) {
         match loaded {
             Ok(loaded) => {
                 let engine = Engine::start(loaded, config);
-                let _ = state.engine.set(engine);
+                state.set_loaded(engine, adapters);
                 tracing::info!("model loaded; ready");
             }
             Err(e) => {

@@ -33,7 +33,25 @@ impl Default for EngineConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Chooses a steered round's value from the prior over the K values.
+pub type DrawFn = Box<dyn FnMut(&[f64]) -> usize + Send>;
+
+/// A steered request: the adapter applies to the whole sequence, and after
+/// the prompt one hidden steering token is drawn and appended.
+pub struct Steering {
+    pub adapter: Arc<crate::steering::Adapter>,
+    pub draw: DrawFn,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("adapter", &self.adapter.name)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -43,6 +61,7 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Report log-probabilities of the prompt's tokens with this many alternatives.
     pub prompt_logprobs: Option<usize>,
+    pub steering: Option<Steering>,
 }
 
 impl GenerateRequest {
@@ -54,6 +73,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             prompt_logprobs: None,
+            steering: None,
         }
     }
 }
@@ -79,6 +99,12 @@ impl FinishReason {
 pub enum Event {
     /// Log-probabilities of the prompt tokens (the first has none).
     PromptLogprobs(Vec<Option<TokenLogprob>>),
+    /// A steered round's draw: the value chosen and the prior it came from.
+    /// The steering token itself is never sent.
+    Steering {
+        value: usize,
+        prior: Vec<f64>,
+    },
     /// A generated token and the text it released (may be empty while a
     /// multi-byte character or a possible stop string is pending).
     Token {
@@ -147,6 +173,8 @@ pub struct Engine {
     config: EngineConfig,
     vocab_size: usize,
     model_name: String,
+    model_config: crate::model::ModelConfig,
+    model_sha256: String,
 }
 
 impl Engine {
@@ -159,6 +187,7 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let (tx, rx) = mpsc::channel();
         let vocab_size = loaded.model.config.vocab_size;
+        let model_config = loaded.model.config.clone();
         let scheduler = scheduler::Scheduler::new(
             loaded.model,
             tokenizer.clone(),
@@ -176,7 +205,19 @@ impl Engine {
             config,
             vocab_size,
             model_name: loaded.name,
+            model_config,
+            model_sha256: loaded.sha256,
         }
+    }
+
+    /// The served model's shape (for checking adapters).
+    pub fn model_config(&self) -> &crate::model::ModelConfig {
+        &self.model_config
+    }
+
+    /// sha256 of the weights.
+    pub fn model_sha256(&self) -> &str {
+        &self.model_sha256
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -215,7 +256,9 @@ impl Engine {
         if request.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
-        if request.prompt.len() >= self.config.max_context {
+        // A steered round takes one more position, for its hidden token.
+        let needed = request.prompt.len() + usize::from(request.steering.is_some());
+        if needed >= self.config.max_context {
             return Err(SubmitError::PromptTooLong {
                 prompt: request.prompt.len(),
                 context: self.config.max_context,

@@ -31,11 +31,19 @@ struct Sequence {
     submitted: Instant,
     /// When the last token was sent (for inter-token latency).
     last_token: Option<Instant>,
+    /// Hidden tokens in `tokens` (the steering token once drawn).
+    hidden: usize,
 }
 
 impl Sequence {
+    /// Visible tokens generated so far.
     fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+        self.tokens.len() - self.prompt_len - self.hidden
+    }
+
+    /// Steered and not yet drawn: the next logits hold the prior.
+    fn awaiting_draw(&self) -> bool {
+        self.request.steering.is_some() && self.hidden == 0
     }
 
     fn finish(&mut self, tokenizer: &Tokenizer, mut reason: FinishReason) {
@@ -59,6 +67,45 @@ impl Sequence {
         });
         self.finished = true;
     }
+}
+
+/// Input rows for token ids: the base embedding, or an adapter's steering
+/// token row for ids past the vocabulary.
+fn embed(
+    model: &Model,
+    adapter: Option<&crate::steering::Adapter>,
+    ids: &[u32],
+) -> anyhow::Result<candle_core::Tensor> {
+    let vocab = model.config.vocab_size as u32;
+    let Some(adapter) = adapter.filter(|_| ids.iter().any(|&t| t >= vocab)) else {
+        return model.embed_tokens(ids);
+    };
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < ids.len() {
+        let steering = ids[start] >= vocab;
+        let end = (start..ids.len())
+            .find(|&i| (ids[i] >= vocab) != steering)
+            .unwrap_or(ids.len());
+        parts.push(if steering {
+            let rows: Vec<u32> = ids[start..end].iter().map(|&t| t - vocab).collect();
+            adapter.weights.embed.index_select(
+                &candle_core::Tensor::new(rows.as_slice(), model.device())?,
+                0,
+            )?
+        } else {
+            model.embed_tokens(&ids[start..end])?
+        });
+        start = end;
+    }
+    Ok(candle_core::Tensor::cat(&parts, 0)?)
+}
+
+fn softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
 }
 
 /// One sequence's share of a step.
@@ -154,6 +201,7 @@ impl Scheduler {
                 finished: false,
                 submitted,
                 last_token: None,
+                hidden: 0,
             });
         }
     }
@@ -235,12 +283,22 @@ impl Scheduler {
             let Some(p) = next.next_if(|p| p.index == index) else {
                 continue;
             };
-            let embeds = model.embed_tokens(&seq.tokens[seq.fed..seq.fed + p.rows])?;
+            let adapter = seq.request.steering.as_ref().map(|s| &s.adapter);
+            let embeds = embed(
+                model,
+                adapter.map(|a| a.as_ref()),
+                &seq.tokens[seq.fed..seq.fed + p.rows],
+            )?;
+            // The steering tokens' logits are needed once: where the prompt ends.
+            let completes_prompt = seq.fed + p.rows == seq.tokens.len();
+            let extra_head = adapter
+                .filter(|_| completes_prompt && seq.awaiting_draw())
+                .map(|a| &a.weights.head);
             segments.push(Segment {
                 embeds,
                 cache: &mut seq.cache,
-                lora: None,
-                extra_head: None,
+                lora: adapter.and_then(|a| a.weights.lora.as_ref()),
+                extra_head,
                 logits: p.logits,
             });
         }
@@ -262,13 +320,17 @@ impl Scheduler {
     fn consume(&mut self, p: &Planned, start: usize, rows: Vec<Vec<f32>>) -> anyhow::Result<()> {
         let tokenizer = self.tokenizer.clone();
         let max_context = self.config.max_context;
+        let vocab = self.model.config.vocab_size;
         let seq = &mut self.running[p.index];
         if let (Some(n), Logits::All) = (seq.request.prompt_logprobs, p.logits) {
             for (i, row) in rows.iter().enumerate() {
                 let target = start + i + 1;
                 if target < seq.prompt_len {
-                    seq.prompt_logprobs
-                        .push(Some(logprob_of(row, seq.tokens[target], n)));
+                    seq.prompt_logprobs.push(Some(logprob_of(
+                        &row[..vocab],
+                        seq.tokens[target],
+                        n,
+                    )));
                 }
             }
             if seq.fed == seq.prompt_len {
@@ -286,6 +348,16 @@ impl Scheduler {
         let Some(mut last) = rows.into_iter().last() else {
             return Ok(());
         };
+        if seq.awaiting_draw() {
+            let steering = seq.request.steering.as_mut().expect("steered");
+            let prior = softmax(&last[vocab..]);
+            let value = (steering.draw)(&prior);
+            seq.tokens.push(steering.adapter.token_id(value));
+            seq.hidden += 1;
+            let _ = seq.events.send(Event::Steering { value, prior });
+            return Ok(());
+        }
+        last.truncate(vocab);
         let (token, logprob) = seq.sampler.sample(&mut last);
         seq.tokens.push(token);
         let now = Instant::now();

@@ -210,6 +210,24 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// (out, in) of a projection, the same in every layer.
+    pub fn proj_shape(&self, kind: super::ProjKind) -> (usize, usize) {
+        let (h, q, kv, ff) = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        );
+        use super::ProjKind::*;
+        match kind {
+            Q => (q, h),
+            K | V => (kv, h),
+            O => (h, q),
+            Gate | Up => (ff, h),
+            Down => (h, ff),
+        }
+    }
+
     /// Inverse frequencies of the rotary embedding, scaling applied.
     pub fn rope_inv_freqs(&self) -> Vec<f32> {
         let d = self.head_dim;

@@ -65,7 +65,7 @@ pub fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Outpu
                 };
             }
             Event::Error(e) => panic!("generation failed: {e}"),
-            Event::PromptLogprobs(_) => {}
+            Event::PromptLogprobs(_) | Event::Steering { .. } => {}
         }
     }
     panic!("engine closed the stream without finishing");

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use steerling::api::{self, validation::Limits, AppState};
+use steerling::api::{self, validation::Limits, AppState, Settings};
 use steerling::engine::{Engine, EngineConfig};
 
 pub struct TestServer {
@@ -20,6 +20,10 @@ pub struct Options {
     pub api_key: Option<String>,
     pub load: bool,
     pub limits: Limits,
+    pub adapters: Option<std::path::PathBuf>,
+    pub admin_key: Option<String>,
+    pub admin_open: bool,
+    pub monitor: steerling::monitor::MonitorConfig,
 }
 
 impl Default for Options {
@@ -36,18 +40,26 @@ impl Default for Options {
                 max_prompt_tokens: 200,
                 ..Limits::default()
             },
+            adapters: None,
+            admin_key: None,
+            admin_open: true,
+            monitor: Default::default(),
         }
     }
 }
 
 impl TestServer {
     pub async fn start(opts: Options) -> Self {
-        let state = AppState::new(
-            "tiny".into(),
-            opts.limits.clone(),
-            opts.max_batch + opts.max_queued,
-            opts.api_key.clone(),
-        );
+        let state = AppState::new(Settings {
+            model_id: "tiny".into(),
+            limits: opts.limits.clone(),
+            capacity: opts.max_batch + opts.max_queued,
+            api_key: opts.api_key.clone(),
+            admin_key: opts.admin_key.clone(),
+            admin_open: opts.admin_open,
+            default_policy: steerling::steering::Policy::Prior,
+            monitor: opts.monitor.clone(),
+        });
         if opts.load {
             let config = EngineConfig {
                 max_batch: opts.max_batch,
@@ -55,7 +67,11 @@ impl TestServer {
                 prefill_chunk: 64,
             };
             let engine = super::engine_for(&opts.model, config);
-            let _ = state.engine.set(engine);
+            let dir = opts
+                .adapters
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("steerling-no-adapters"));
+            state.set_loaded(engine, dir);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
