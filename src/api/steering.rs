@@ -104,7 +104,11 @@ impl Plan {
         choice: usize,
     ) {
         let mut rng = match seed {
-            Some(s) => StdRng::seed_from_u64(s.wrapping_add(choice as u64) ^ 0x5EE7_D4A3_C0FF_EE00),
+            // Streams 1<<32.. are the draws'; the samplers use 0, 1, 2, …
+            Some(s) => StdRng::seed_from_u64(crate::engine::sampling::derive_seed(
+                s,
+                (1 << 32) + choice as u64,
+            )),
             None => StdRng::from_os_rng(),
         };
         let target = self.adapter.config.target(&self.context);

@@ -246,8 +246,9 @@ pub fn fit_context(
     }
 }
 
-/// One engine request per choice; choice j of a seeded request uses seed + j
-/// so that `n` seeded choices differ from each other but reproduce.
+/// One engine request per choice; choice j of a seeded request gets its own
+/// seed derived from (seed, j), so `n` seeded choices differ from each other
+/// but reproduce.
 pub fn engine_request(
     prompt: Vec<u32>,
     max_tokens: usize,
@@ -256,7 +257,9 @@ pub fn engine_request(
     choice: usize,
 ) -> GenerateRequest {
     let mut params = params.clone();
-    params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
+    params.seed = params
+        .seed
+        .map(|s| crate::engine::sampling::derive_seed(s, choice as u64));
     let mut r = GenerateRequest::new(prompt, max_tokens, params);
     r.stop = stop.to_vec();
     r

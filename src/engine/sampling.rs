@@ -183,6 +183,18 @@ impl Sampler {
     }
 }
 
+/// A seed for stream `stream` of a request seeded with `seed` (splitmix64
+/// of both), so choices and draws of nearby seeds never share a stream.
+pub fn derive_seed(seed: u64, stream: u64) -> u64 {
+    fn splitmix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    splitmix(seed ^ splitmix(stream))
+}
+
 /// Index of the largest logit (the lowest id among ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

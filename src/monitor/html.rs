@@ -35,9 +35,7 @@ fn chart(values: &[String], w: &WindowReport) -> String {
     let label = 110;
     let scale = (width - label - 60) as f64;
     let height = row * values.len() + 24;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">"#
-    );
+    let mut svg = format!(r#"<svg width="{width}" height="{height}" role="img">"#);
     for (i, v) in values.iter().enumerate() {
         let y = 8 + i * row;
         svg += &format!(
