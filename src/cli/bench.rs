@@ -27,6 +27,14 @@ pub struct BenchArgs {
     /// Skip the candle-transformers baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Also measure the cost of steering: end-to-end latency of the same
+    /// requests with a steering adapter (policy prior) and without (off).
+    /// Uses ADAPTER from --adapters, or a generated rank-8 q/v adapter.
+    #[arg(long, value_name = "ADAPTER", num_args = 0..=1, default_missing_value = "")]
+    pub steering: Option<String>,
+    /// Folder of adapters for --steering.
+    #[arg(long, default_value = "adapters")]
+    pub adapters: std::path::PathBuf,
 }
 
 const TEXT: &str = "The history of the city begins with a small settlement on the river, where traders met to exchange grain, cloth and tools. ";
@@ -67,6 +75,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if b == 1 {
             single = Some(tps);
         }
+    }
+    if let Some(name) = &args.steering {
+        steering_cost(
+            &engine,
+            &path,
+            name,
+            &args.adapters,
+            short,
+            args.decode_tokens,
+        )?;
     }
     if !args.no_baseline {
         if let ModelSource::Gguf(path) = ModelSource::from_path(&path)? {
@@ -114,6 +132,82 @@ fn run_batch(
         }
     }
     Ok((first - start, first.elapsed()))
+}
+
+/// End-to-end latency of identical requests, steered (prior) and not (off),
+/// interleaved so that both see the same machine conditions.
+fn steering_cost(
+    engine: &Engine,
+    model_path: &std::path::Path,
+    name: &str,
+    dir: &std::path::Path,
+    prompt: &[u32],
+    tokens: usize,
+) -> Result<()> {
+    use crate::steering::{BaseIdentity, Registry};
+    let generated = tempfile_dir()?;
+    let (dir, name) = if name.is_empty() {
+        let spec = crate::testing::TestAdapter {
+            values: 2,
+            head_scale: 0.05,
+            lora: true,
+            default_target: vec![0.5, 0.5],
+            contexts: vec![],
+            seed: 1,
+        };
+        crate::testing::write_test_adapter(
+            &generated,
+            "bench",
+            engine.model_config(),
+            engine.model_sha256(),
+            &spec,
+        )?;
+        (generated.clone(), "bench".to_string())
+    } else {
+        (dir.to_path_buf(), name.to_string())
+    };
+    let base = BaseIdentity {
+        name: model_path.display().to_string(),
+        sha256: engine.model_sha256().to_string(),
+    };
+    let registry = Registry::new(dir, base, engine.model_config().clone());
+    let adapter = registry.load(&name)?;
+    let rounds = 24;
+    let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
+    for i in 0..rounds {
+        for steer in [i % 2 == 0, i % 2 != 0] {
+            let mut r = GenerateRequest::new(prompt.to_vec(), tokens, SamplingParams::greedy());
+            r.ignore_eos = true;
+            if steer {
+                r.steering = Some(crate::engine::Steering {
+                    adapter: adapter.clone(),
+                    draw: Box::new(|prior: &[f64]| crate::engine::sampling::argmax_f64(prior)),
+                });
+            }
+            let start = Instant::now();
+            let mut events = engine.submit(r)?;
+            while let Some(e) = events.blocking_recv() {
+                if let Event::Error(e) = e {
+                    bail!(e);
+                }
+            }
+            *if steer { &mut steered } else { &mut plain } += start.elapsed();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&generated);
+    println!(
+        "steering (prior) vs off, end-to-end latency of {rounds} requests of {tokens} tokens each: {:.1} ms vs {:.1} ms = {:.3}x",
+        steered.as_secs_f64() * 1e3 / rounds as f64,
+        plain.as_secs_f64() * 1e3 / rounds as f64,
+        steered.as_secs_f64() / plain.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("steerling-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// candle-transformers' own generation loop: prefill, then one token at a time.

@@ -206,6 +206,13 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Index of the largest probability.
+pub fn argmax_f64(p: &[f64]) -> usize {
+    (0..p.len())
+        .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+        .unwrap_or(0)
+}
+
 /// log-softmax over `logits`, reported for `token` plus the top `n`.
 pub fn logprob_of(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
     let lse = log_sum_exp(logits);

@@ -137,20 +137,71 @@ pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// A low-rank update `scale · B·A` on one projection: y += scale · (x Aᵀ) Bᵀ.
+/// A low-rank update `scale · B·A` on one projection: y += scale · B (A x).
+/// Kept as plain f32 rows: applied to a few rows at a time, loops beat
+/// tensor ops, whose per-call overhead would dominate.
 #[derive(Debug, Clone)]
 pub struct Lora {
-    /// (rank, in)
-    pub a: Tensor,
-    /// (out, rank)
-    pub b: Tensor,
-    pub scale: f64,
+    /// (rank, in), row-major.
+    a: Vec<f32>,
+    /// Bᵀ: (rank, out), row-major, so the update is a sum of scaled rows.
+    b_t: Vec<f32>,
+    rank: usize,
+    scale: f32,
 }
 
 impl Lora {
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
+    /// a: (rank, in); b: (out, rank).
+    pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
+        let (rank, _) = a.dims2()?;
+        let (_, rank_b) = b.dims2()?;
+        anyhow::ensure!(
+            rank == rank_b,
+            "LoRA ranks differ: A has {rank}, B has {rank_b}"
+        );
+        Ok(Self {
+            a: a.flatten_all()?.to_vec1()?,
+            b_t: b.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+            rank,
+            scale: scale as f32,
+        })
     }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// y (rows × out) += scale · B A x for each row of x (rows × in).
+    pub fn add_to(&self, x: &[f32], y: &mut [f32]) {
+        let input = self.a.len() / self.rank;
+        let out = self.b_t.len() / self.rank;
+        for (xr, yr) in x.chunks_exact(input).zip(y.chunks_exact_mut(out)) {
+            for (ar, br) in self.a.chunks_exact(input).zip(self.b_t.chunks_exact(out)) {
+                let t = self.scale * dot(ar, xr);
+                for (yo, b) in yr.iter_mut().zip(br) {
+                    *yo = t.mul_add(*b, *yo);
+                }
+            }
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators, so it vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// LoRA updates for every layer and projection of one adapter.

@@ -181,21 +181,69 @@ impl Model {
     ) -> Result<Vec<Tensor>> {
         let projs: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
         let mut ys = linear::forward_many(&projs, x)?;
+        let with_lora = |kind: ProjKind| {
+            segs.iter()
+                .any(|s| s.lora.and_then(|set| set.get(l, kind)).is_some())
+        };
+        if !kinds.iter().any(|&k| with_lora(k)) {
+            return Ok(ys);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let width = x.dim(1)?;
         for (y, &kind) in ys.iter_mut().zip(kinds) {
+            if !with_lora(kind) {
+                continue;
+            }
+            let out = y.dim(1)?;
+            let mut yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
             let mut offset = 0;
             for (seg, &len) in segs.iter().zip(lens) {
                 if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
-                    let rows = x.narrow(0, offset, len)?;
-                    let delta = lora.delta(&rows)?;
-                    *y = y.slice_assign(
-                        &[offset..offset + len, 0..y.dim(1)?],
-                        &(y.narrow(0, offset, len)? + delta)?,
-                    )?;
+                    lora.add_to(
+                        &xs[offset * width..(offset + len) * width],
+                        &mut yv[offset * out..(offset + len) * out],
+                    );
+                }
+                offset += len;
+            }
+            *y = Tensor::from_vec(yv, (offset, out), &self.device)?;
+        }
+        Ok(ys)
+    }
+
+    /// Adds each segment's LoRA deltas to projection outputs held as rows.
+    fn add_lora_rows<const N: usize>(
+        &self,
+        l: usize,
+        x: &Tensor,
+        segs: &[Segment],
+        lens: &[usize],
+        outputs: [(ProjKind, &mut Vec<f32>); N],
+    ) -> Result<()> {
+        let any = segs.iter().any(|s| {
+            s.lora
+                .is_some_and(|set| outputs.iter().any(|(k, _)| set.get(l, *k).is_some()))
+        });
+        if !any {
+            return Ok(());
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let width = x.dim(1)?;
+        let rows: usize = lens.iter().sum();
+        for (kind, y) in outputs {
+            let out = y.len() / rows.max(1);
+            let mut offset = 0;
+            for (seg, &len) in segs.iter().zip(lens) {
+                if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
+                    lora.add_to(
+                        &xs[offset * width..(offset + len) * width],
+                        &mut y[offset * out..(offset + len) * out],
+                    );
                 }
                 offset += len;
             }
         }
-        Ok(ys)
+        Ok(())
     }
 
     fn attention(
@@ -212,18 +260,27 @@ impl Model {
         let to_vec = |t: Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        let [q, k, v]: [Tensor; 3] = self
-            .project_many(
-                l,
-                layer,
-                &[ProjKind::Q, ProjKind::K, ProjKind::V],
-                h,
-                segs,
-                lens,
-            )?
+        // q/k/v become plain rows here anyway, so their LoRA deltas are
+        // added to those rows rather than through tensor ops.
+        let qkv: Vec<&Proj> = [ProjKind::Q, ProjKind::K, ProjKind::V]
+            .iter()
+            .map(|k| &layer.projs[k.index()])
+            .collect();
+        let [q, k, v]: [Tensor; 3] = linear::forward_many(&qkv, h)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("q/k/v projection count"))?;
-        let (mut q, mut k, v) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
+        let (mut q, mut k, mut v) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
+        self.add_lora_rows(
+            l,
+            h,
+            segs,
+            lens,
+            [
+                (ProjKind::Q, &mut q),
+                (ProjKind::K, &mut k),
+                (ProjKind::V, &mut v),
+            ],
+        )?;
         let (mut qo, mut ko) = (0, 0);
         for ((seg, &len), &start) in segs.iter_mut().zip(lens).zip(starts) {
             let q_rows = &mut q[qo..qo + len * nh * hd];

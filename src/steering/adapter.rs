@@ -289,7 +289,7 @@ impl AdapterWeights {
                         let (out, inp) = cfg.proj_shape(kind);
                         let a = take(&lora_tensor_name(l, kind, "a"), &[lc.rank, inp])?;
                         let b = take(&lora_tensor_name(l, kind, "b"), &[out, lc.rank])?;
-                        set.layers[l][kind.index()] = Some(Lora { a, b, scale });
+                        set.layers[l][kind.index()] = Some(Lora::new(&a, &b, scale)?);
                     }
                 }
                 Some(set)
