@@ -345,3 +345,45 @@ async fn adapters_are_models_and_leave_the_base_untouched() {
     assert_eq!(list["data"][0]["name"], "ab");
     assert_eq!(list["data"][0]["values"], json!(["v0", "v1"]));
 }
+
+/// The same adapter machinery on an f32 Hugging Face folder base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_apply_on_f32_bases_too() {
+    let model_dir = tempfile::tempdir().unwrap();
+    steerling::testing::write_tiny_hf(
+        model_dir.path(),
+        &steerling::testing::TinySpec::default(),
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let loaded = load_model(&ModelSource::HfFolder(model_dir.path().to_path_buf()), 256).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_test_adapter(
+        dir.path(),
+        "hf",
+        &loaded.model.config,
+        &loaded.sha256,
+        &TestAdapter::default(),
+    )
+    .unwrap();
+    let s = TestServer::start(Options {
+        model: model_dir.path().to_path_buf(),
+        adapters: Some(dir.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let base = complete(
+        &s,
+        json!({"prompt": "The teacher", "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    let steered = complete(&s, json!({"model": "hf", "prompt": "The teacher", "max_tokens": 10, "temperature": 0, "steering": {"return": true}})).await;
+    assert!(steered["choices"][0]["steering"]["value"].is_string());
+    assert_ne!(steered["choices"][0]["text"], base["choices"][0]["text"]);
+    let again = complete(
+        &s,
+        json!({"prompt": "The teacher", "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(again["choices"][0]["text"], base["choices"][0]["text"]);
+}

@@ -117,13 +117,19 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
     ))
 }
 
+/// Logs to stderr: `STEERLING_LOG` filters (default `info`);
+/// `STEERLING_LOG_FORMAT=json` writes one JSON object per line.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEERLING_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("STEERLING_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 pub fn run(cli: Cli) -> Result<()> {
