@@ -237,13 +237,7 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// Bearer-token check for inference routes, when a key is configured.
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+        if !constant_time_eq(bearer(&req).as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -255,13 +249,7 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
 async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match &state.admin_key {
         Some(key) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            if !constant_time_eq(bearer(&req).as_bytes(), key.as_bytes()) {
                 return ApiError::unauthorized().into_response();
             }
         }
@@ -269,6 +257,15 @@ async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: N
         None => {}
     }
     next.run(req).await
+}
+
+/// The token of `Authorization: Bearer <token>` ("" when absent).
+fn bearer(req: &Request) -> &str {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
 }
 
 /// Compares without an early exit, so timing does not reveal the key.

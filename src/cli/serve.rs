@@ -94,7 +94,7 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The served id: the file or folder name, without `.gguf`.
+/// The served id: `--model-name`, else the weights' file or folder name.
 fn default_model_id(args: &ServeArgs) -> String {
     if let Some(name) = &args.model_name {
         return name.clone();
@@ -104,13 +104,7 @@ fn default_model_id(args: &ServeArgs) -> String {
     } else {
         PathBuf::from(&args.model.model)
     };
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    name.strip_suffix(".gguf")
-        .map(str::to_string)
-        .unwrap_or(name)
+    crate::model::model_id(&path)
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {

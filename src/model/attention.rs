@@ -156,7 +156,7 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
 
 /// Dot product with eight independent accumulators, so it vectorizes.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);

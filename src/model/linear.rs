@@ -177,31 +177,13 @@ impl Lora {
         let out = self.b_t.len() / self.rank;
         for (xr, yr) in x.chunks_exact(input).zip(y.chunks_exact_mut(out)) {
             for (ar, br) in self.a.chunks_exact(input).zip(self.b_t.chunks_exact(out)) {
-                let t = self.scale * dot(ar, xr);
+                let t = self.scale * super::attention::dot(ar, xr);
                 for (yo, b) in yr.iter_mut().zip(br) {
                     *yo = t.mul_add(*b, *yo);
                 }
             }
         }
     }
-}
-
-/// Dot product with eight independent accumulators, so it vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] = x[j].mul_add(y[j], acc[j]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// LoRA updates for every layer and projection of one adapter.

@@ -54,7 +54,8 @@ pub fn load_model(source: &ModelSource, max_context: usize) -> Result<LoadedMode
     }
 }
 
-fn stem(path: &Path) -> String {
+/// The id a model is served under: its file or folder name, without `.gguf`.
+pub fn model_id(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -133,7 +134,7 @@ fn load_gguf(path: &Path, max_context: usize, device: &Device) -> Result<LoadedM
     Ok(LoadedModel {
         model,
         tokenizer,
-        name: stem(path),
+        name: model_id(path),
         sha256: sha256_files(&[path.to_path_buf()])?,
     })
 }
@@ -211,7 +212,7 @@ fn load_hf(dir: &Path, max_context: usize, device: &Device) -> Result<LoadedMode
     Ok(LoadedModel {
         model,
         tokenizer,
-        name: stem(dir),
+        name: model_id(dir),
         sha256: sha256_files(&shards)?,
     })
 }

@@ -15,7 +15,7 @@ mod qmatmul;
 pub use config::{ModelConfig, RopeStyle};
 pub use kv_cache::KvCache;
 pub use linear::{Lora, LoraSet, ProjKind};
-pub use load::{load_model, LoadedModel, ModelSource};
+pub use load::{load_model, model_id, LoadedModel, ModelSource};
 
 use anyhow::{bail, ensure, Result};
 use attention::{AttnSeq, AttnShape, Rope};

@@ -1,0 +1,60 @@
+//! Kernel tests: every kernel and layout against candle and the scalar kernel.
+
+use super::*;
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Dequantization equals candle's; the product equals an f32 matmul on
+/// the dequantized weights up to 8-bit activation rounding; and every
+/// kernel this CPU has, in both layouts, with 1 to 9 activation rows (so
+/// the four-row tiles, the remainders and the 512-bit pairs all run),
+/// gives the scalar kernel's result.
+#[test]
+fn kernels_agree_with_candle_and_each_other() {
+    let dev = Device::Cpu;
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (n, k) in [(40, 64), (272, 96)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+            let dense_w = m.dequantize(&dev).unwrap();
+            assert_eq!(
+                to_vec(&q.dequantize(&dev).unwrap()),
+                to_vec(&dense_w),
+                "{dtype:?}"
+            );
+            let plain = QMatrix {
+                blocks: m.plain(),
+                rows: n,
+                cols: k,
+            };
+            let interleaved = plain.clone().interleaved();
+            for rows in [1, 3, 5, 9] {
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+                let dense = to_vec(&x.matmul(&dense_w.t().unwrap()).unwrap());
+                let scalar = to_vec(&forward_many_with(Kernel::Scalar, &[&plain], &x).unwrap()[0]);
+                let scale = dense.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, b) in scalar.iter().zip(&dense) {
+                    assert!((a - b).abs() < 0.03 * scale, "{dtype:?}: {a} vs {b}");
+                }
+                for kernel in Kernel::available() {
+                    for layout in [&plain, &interleaved] {
+                        if !kernel.interleaves() && !std::ptr::eq(layout, &plain) {
+                            continue;
+                        }
+                        let got = to_vec(&forward_many_with(kernel, &[layout], &x).unwrap()[0]);
+                        for (a, b) in got.iter().zip(&scalar) {
+                            assert!(
+                                (a - b).abs() < 1e-4 * scale,
+                                "{} {dtype:?} ({n},{k}) x{rows}: {a} vs {b}",
+                                kernel.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
