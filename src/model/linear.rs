@@ -137,6 +137,31 @@ pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// Projections of the same input, on plain rows (xs: rows × in), returning
+/// plain rows: for callers that work on rows anyway (attention), this skips
+/// two tensor copies per projection.
+pub fn forward_many_rows(projs: &[&Proj], x: &Tensor, xs: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let rows = x.dim(0)?;
+    let blocks: Option<Vec<&QMatrix>> = projs
+        .iter()
+        .map(|p| match (&p.weight, &p.bias) {
+            (Weight::Blocks(m), None) => Some(m),
+            _ => None,
+        })
+        .collect();
+    match blocks {
+        Some(mats) => super::qmatmul::forward_rows(&mats, xs, rows),
+        None => forward_many(projs, x)?
+            .into_iter()
+            .map(|t| {
+                Ok(t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            })
+            .collect(),
+    }
+}
+
 /// A low-rank update `scale · B·A` on one projection: y += scale · B (A x).
 /// Kept as plain f32 rows: applied to a few rows at a time, loops beat
 /// tensor ops, whose per-call overhead would dominate.

@@ -211,41 +211,6 @@ impl Model {
         Ok(ys)
     }
 
-    /// Adds each segment's LoRA deltas to projection outputs held as rows.
-    fn add_lora_rows<const N: usize>(
-        &self,
-        l: usize,
-        x: &Tensor,
-        segs: &[Segment],
-        lens: &[usize],
-        outputs: [(ProjKind, &mut Vec<f32>); N],
-    ) -> Result<()> {
-        let any = segs.iter().any(|s| {
-            s.lora
-                .is_some_and(|set| outputs.iter().any(|(k, _)| set.get(l, *k).is_some()))
-        });
-        if !any {
-            return Ok(());
-        }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let width = x.dim(1)?;
-        let rows: usize = lens.iter().sum();
-        for (kind, y) in outputs {
-            let out = y.len() / rows.max(1);
-            let mut offset = 0;
-            for (seg, &len) in segs.iter().zip(lens) {
-                if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
-                    lora.add_to(
-                        &xs[offset * width..(offset + len) * width],
-                        &mut y[offset * out..(offset + len) * out],
-                    );
-                }
-                offset += len;
-            }
-        }
-        Ok(())
-    }
-
     fn attention(
         &self,
         l: usize,
@@ -257,22 +222,19 @@ impl Model {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let to_vec = |t: Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        // q/k/v become plain rows here anyway, so their LoRA deltas are
-        // added to those rows rather than through tensor ops.
+        // q/k/v become plain rows here anyway (RoPE, the caches): they are
+        // computed as rows, and their LoRA deltas added to those rows.
         let qkv: Vec<&Proj> = [ProjKind::Q, ProjKind::K, ProjKind::V]
             .iter()
             .map(|k| &layer.projs[k.index()])
             .collect();
-        let [q, k, v]: [Tensor; 3] = linear::forward_many(&qkv, h)?
+        let hs: Vec<f32> = h.flatten_all()?.to_vec1()?;
+        let [mut q, mut k, mut v]: [Vec<f32>; 3] = linear::forward_many_rows(&qkv, h, &hs)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("q/k/v projection count"))?;
-        let (mut q, mut k, mut v) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
-        self.add_lora_rows(
+        add_lora_rows(
             l,
-            h,
+            &hs,
             segs,
             lens,
             [
@@ -280,7 +242,7 @@ impl Model {
                 (ProjKind::K, &mut k),
                 (ProjKind::V, &mut v),
             ],
-        )?;
+        );
         let (mut qo, mut ko) = (0, 0);
         for ((seg, &len), &start) in segs.iter_mut().zip(lens).zip(starts) {
             let q_rows = &mut q[qo..qo + len * nh * hd];
@@ -363,5 +325,31 @@ impl Model {
             result.push(seg_logits);
         }
         Ok(result)
+    }
+}
+
+/// Adds each segment's LoRA deltas to projection outputs held as rows
+/// (xs: the projections' input rows).
+fn add_lora_rows<const N: usize>(
+    l: usize,
+    xs: &[f32],
+    segs: &[Segment],
+    lens: &[usize],
+    outputs: [(ProjKind, &mut Vec<f32>); N],
+) {
+    let rows: usize = lens.iter().sum();
+    let width = xs.len() / rows.max(1);
+    for (kind, y) in outputs {
+        let out = y.len() / rows.max(1);
+        let mut offset = 0;
+        for (seg, &len) in segs.iter().zip(lens) {
+            if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
+                lora.add_to(
+                    &xs[offset * width..(offset + len) * width],
+                    &mut y[offset * out..(offset + len) * out],
+                );
+            }
+            offset += len;
+        }
     }
 }

@@ -230,13 +230,33 @@ pub fn forward_many(mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
 }
 
 fn forward_many_with(kernel: Kernel, mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
-    let (m, k) = x.dims2()?;
+    let (m, _) = x.dims2()?;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let outs = forward_rows_with(kernel, mats, &xs, m)?;
+    outs.into_iter()
+        .zip(mats)
+        .map(|(o, mat)| Ok(Tensor::from_vec(o, (m, mat.rows), x.device())?))
+        .collect()
+}
+
+/// As `forward_many`, on plain rows: xs is (m, cols) row-major; each output
+/// is (m, rows) row-major.
+pub fn forward_rows(mats: &[&QMatrix], xs: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+    forward_rows_with(Kernel::detect(), mats, xs, m)
+}
+
+fn forward_rows_with(
+    kernel: Kernel,
+    mats: &[&QMatrix],
+    xs: &[f32],
+    m: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let k = xs.len() / m.max(1);
     for mat in mats {
-        if k != mat.cols {
+        if k != mat.cols || xs.len() != m * k {
             bail!("matmul input has {k} columns, weight expects {}", mat.cols);
         }
     }
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let acts: Vec<BlockQ8> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
     let rows: Vec<&[BlockQ8]> = acts.chunks_exact(k / BLOCK).collect();
     // Tasks of up to 256 weight rows (a multiple of 8), several per thread.
@@ -264,10 +284,7 @@ fn forward_many_with(kernel: Kernel, mats: &[&QMatrix], x: &Tensor) -> Result<Ve
                 .copy_from_slice(&local[r * cols..(r + 1) * cols]);
         }
     }
-    outs.into_iter()
-        .zip(mats)
-        .map(|(o, mat)| Ok(Tensor::from_vec(o, (m, mat.rows), x.device())?))
-        .collect()
+    Ok(outs)
 }
 
 /// Weight rows one at a time, four activation rows per kernel call.
