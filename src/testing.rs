@@ -378,12 +378,13 @@ pub fn write_tiny_hf(dir: &Path, spec: &TinySpec, dtype: DType) -> Result<()> {
 
 /// A hand-built steering adapter for tests: K values named `v0`, `v1`, …
 /// (detected by the words `alpha0`, `alpha1`, …), random steering rows
-/// scaled by `head_scale` (0 gives a uniform prior), optional rank-2 LoRA on
-/// q/v, the given default and per-context targets.
+/// scaled by `head_scale` (0 gives a uniform prior), optional LoRA on q/v, the given default and per-context targets.
 pub struct TestAdapter {
     pub values: usize,
     pub head_scale: f32,
     pub lora: bool,
+    /// LoRA rank (on q_proj and v_proj).
+    pub lora_rank: usize,
     pub default_target: Vec<f64>,
     pub contexts: Vec<(String, Vec<f64>)>,
     pub seed: u64,
@@ -395,6 +396,7 @@ impl Default for TestAdapter {
             values: 2,
             head_scale: 1.0,
             lora: true,
+            lora_rank: 2,
             default_target: vec![0.5, 0.5],
             contexts: vec![],
             seed: 3,
@@ -445,8 +447,8 @@ pub fn write_test_adapter(
                 .collect(),
         },
         lora: spec.lora.then(|| LoraConfig {
-            rank: 2,
-            alpha: 4.0,
+            rank: spec.lora_rank,
+            alpha: 2.0 * spec.lora_rank as f64,
             targets: vec!["q_proj".into(), "v_proj".into()],
             dropout: 0.0,
         }),
@@ -481,8 +483,14 @@ pub fn write_test_adapter(
         for l in 0..model.num_layers {
             for kind in [crate::model::ProjKind::Q, crate::model::ProjKind::V] {
                 let (out, inp) = model.proj_shape(kind);
-                tensors.insert(lora_tensor_name(l, kind, "a"), rand(&[2, inp], 0.1)?);
-                tensors.insert(lora_tensor_name(l, kind, "b"), rand(&[out, 2], 0.1)?);
+                tensors.insert(
+                    lora_tensor_name(l, kind, "a"),
+                    rand(&[spec.lora_rank, inp], 0.1)?,
+                );
+                tensors.insert(
+                    lora_tensor_name(l, kind, "b"),
+                    rand(&[out, spec.lora_rank], 0.1)?,
+                );
             }
         }
     }

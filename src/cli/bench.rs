@@ -146,61 +146,69 @@ fn steering_cost(
 ) -> Result<()> {
     use crate::steering::{BaseIdentity, Registry};
     let generated = tempfile_dir()?;
-    let (dir, name) = if name.is_empty() {
-        let spec = crate::testing::TestAdapter {
-            values: 2,
-            head_scale: 0.05,
-            lora: true,
-            default_target: vec![0.5, 0.5],
-            contexts: vec![],
-            seed: 1,
-        };
-        crate::testing::write_test_adapter(
-            &generated,
-            "bench",
-            engine.model_config(),
-            engine.model_sha256(),
-            &spec,
-        )?;
-        (generated.clone(), "bench".to_string())
+    let mut adapters = Vec::new();
+    if name.is_empty() {
+        // The default adapter's shape: rank-8 LoRA on q/v; and none, to
+        // separate the draw and its hidden token from the LoRA's cost.
+        for (label, lora) in [("rank-8 q/v LoRA", true), ("no LoRA", false)] {
+            let folder = if lora { "lora" } else { "plain" };
+            let spec = crate::testing::TestAdapter {
+                head_scale: 0.05,
+                lora,
+                lora_rank: 8,
+                seed: 1,
+                ..Default::default()
+            };
+            crate::testing::write_test_adapter(
+                &generated,
+                folder,
+                engine.model_config(),
+                engine.model_sha256(),
+                &spec,
+            )?;
+            adapters.push((generated.clone(), folder.to_string(), label));
+        }
     } else {
-        (dir.to_path_buf(), name.to_string())
-    };
+        adapters.push((dir.to_path_buf(), name.to_string(), "adapter"));
+    }
     let base = BaseIdentity {
         name: model_path.display().to_string(),
         sha256: engine.model_sha256().to_string(),
     };
-    let registry = Registry::new(dir, base, engine.model_config().clone());
-    let adapter = registry.load(&name)?;
-    let rounds = 24;
-    let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
-    for i in 0..rounds {
-        for steer in [i % 2 == 0, i % 2 != 0] {
-            let mut r = GenerateRequest::new(prompt.to_vec(), tokens, SamplingParams::greedy());
-            r.ignore_eos = true;
-            if steer {
-                r.steering = Some(crate::engine::Steering {
-                    adapter: adapter.clone(),
-                    draw: Box::new(|prior: &[f64]| crate::engine::sampling::argmax_f64(prior)),
-                });
-            }
-            let start = Instant::now();
-            let mut events = engine.submit(r)?;
-            while let Some(e) = events.blocking_recv() {
-                if let Event::Error(e) = e {
-                    bail!(e);
+    for (dir, name, label) in adapters {
+        let registry = Registry::new(dir, base.clone(), engine.model_config().clone());
+        let adapter = registry.load(&name)?;
+        let rounds = 24;
+        let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
+        for i in 0..rounds {
+            for steer in [i % 2 == 0, i % 2 != 0] {
+                let mut r = GenerateRequest::new(prompt.to_vec(), tokens, SamplingParams::greedy());
+                r.ignore_eos = true;
+                if steer {
+                    let draw = Box::new(|prior: &[f64]| crate::engine::sampling::argmax_f64(prior));
+                    r.steering = Some(crate::engine::Steering {
+                        adapter: adapter.clone(),
+                        draw,
+                    });
                 }
+                let start = Instant::now();
+                let mut events = engine.submit(r)?;
+                while let Some(e) = events.blocking_recv() {
+                    if let Event::Error(e) = e {
+                        bail!(e);
+                    }
+                }
+                *if steer { &mut steered } else { &mut plain } += start.elapsed();
             }
-            *if steer { &mut steered } else { &mut plain } += start.elapsed();
         }
+        println!(
+            "steering (prior, {label}) vs off, end-to-end latency over {rounds} requests of {tokens} tokens: {:.1} ms vs {:.1} ms = {:.3}x",
+            steered.as_secs_f64() * 1e3 / rounds as f64,
+            plain.as_secs_f64() * 1e3 / rounds as f64,
+            steered.as_secs_f64() / plain.as_secs_f64()
+        );
     }
     let _ = std::fs::remove_dir_all(&generated);
-    println!(
-        "steering (prior) vs off, end-to-end latency of {rounds} requests of {tokens} tokens each: {:.1} ms vs {:.1} ms = {:.3}x",
-        steered.as_secs_f64() * 1e3 / rounds as f64,
-        plain.as_secs_f64() * 1e3 / rounds as f64,
-        steered.as_secs_f64() / plain.as_secs_f64()
-    );
     Ok(())
 }
 
