@@ -36,7 +36,7 @@ async fn metrics_count_requests_tokens_and_latencies() {
     let c = reqwest::Client::new();
     for _ in 0..3 {
         c.post(s.url("/v1/completions"))
-            .json(&json!({"prompt": "Hello", "max_tokens": 4}))
+            .json(&json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}))
             .send()
             .await
             .unwrap();
