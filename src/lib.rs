@@ -11,3 +11,4 @@ pub mod monitor;
 pub mod steering;
 pub mod testing;
 pub mod tokenizer;
+pub mod training;

@@ -237,7 +237,10 @@ async fn off_is_the_base_model_and_the_steering_token_never_shows() {
     assert!(!chat.to_string().contains("<steer"));
     // One entry per visible token (the turn may end before max_tokens).
     assert_eq!(
-        chat["choices"][0]["logprobs"]["content"].as_array().unwrap().len() as u64,
+        chat["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len() as u64,
         chat["usage"]["completion_tokens"].as_u64().unwrap()
     );
     assert!(chat["choices"][0]["steering"]["value"].is_string());

@@ -1,0 +1,6 @@
+//! Training steering adapters (DESIGN.md §4): a differentiable forward on
+//! dense weights and the KL + KTO objective. The job queue and the trainer
+//! loop build on these.
+
+pub mod losses;
+pub mod model;
