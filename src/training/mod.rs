@@ -2,5 +2,7 @@
 //! dense weights and the KL + KTO objective. The job queue and the trainer
 //! loop build on these.
 
+pub mod data;
 pub mod losses;
 pub mod model;
+pub mod trainer;
