@@ -94,3 +94,41 @@ fn bench_reports_every_batch_size() {
         assert!(text.contains(line), "missing {line:?} in {text}");
     }
 }
+
+#[test]
+fn train_writes_an_adapter_with_progress() {
+    let model = common::tiny_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let data = serde_json::json!({
+        "attribute": "letter",
+        "values": [{"name": "v0", "patterns": ["alpha0"]}, {"name": "v1", "patterns": ["alpha1"]}],
+        "targets": {"default": {"v0": 0.7, "v1": 0.3}},
+        "prompts": [{"text": "Tell me about the nurse"}, {"text": "Hello there"}],
+        "responses": {"v0": ["alpha0 said hello"], "v1": ["alpha1 said hello"]}
+    });
+    std::fs::write(dir.path().join("data.json"), data.to_string()).unwrap();
+    let job = serde_json::json!({"name": "cli-made", "data": "data.json", "output": dir.path().join("out"), "settings": {"sft_steps": 2, "kl_steps": 2, "batch": 2, "rank": 2}});
+    std::fs::write(dir.path().join("job.json"), job.to_string()).unwrap();
+    let out = steerling()
+        .args([
+            "train",
+            "--config",
+            dir.path().join("job.json").to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("kl_kto") && stderr.contains("4/4"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("adapter written to"));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/cli-made/adapter.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["training"]["settings"]["kl_steps"], 2);
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod serve;
+mod train;
 
 use crate::engine::SamplingParams;
 use crate::model::{load_model, LoadedModel, ModelSource};
@@ -29,6 +30,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed at batch sizes 1, 4 and 16.
     Bench(bench::BenchArgs),
+    /// Train a steering adapter offline (KL + KTO) and write it.
+    Train(train::TrainArgs),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache.
     FetchModel,
     /// Print the OpenAPI document (as committed in openapi/openapi.json).
@@ -136,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
         Command::Openapi => {
             print!("{}", crate::api::openapi::document());
             Ok(())
