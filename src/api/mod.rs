@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod protocol;
 pub mod steering;
 mod streaming;
+mod training;
 pub mod validation;
 
 use crate::engine::Engine;
@@ -72,7 +73,9 @@ pub struct AppState {
     /// Set once the model has loaded; until then inference answers 503.
     pub engine: OnceLock<Engine>,
     /// Adapters, set together with the engine.
-    pub registry: OnceLock<Registry>,
+    pub registry: OnceLock<Arc<Registry>>,
+    /// Training jobs (when the server knows where its weights are).
+    pub training: OnceLock<Arc<crate::training::jobs::Jobs>>,
     pub model_id: String,
     pub limits: Limits,
     pub capacity: Arc<Capacity>,
@@ -93,6 +96,7 @@ impl AppState {
         Arc::new(Self {
             engine: OnceLock::new(),
             registry: OnceLock::new(),
+            training: OnceLock::new(),
             model_id: settings.model_id,
             limits: settings.limits,
             capacity: Capacity::new(settings.capacity),
@@ -109,7 +113,13 @@ impl AppState {
 
     /// Makes the server ready: the engine, and adapters from `adapters_dir`
     /// (a damaged one is skipped with an error; the rest load).
-    pub fn set_loaded(&self, engine: Engine, adapters_dir: std::path::PathBuf) {
+    /// With `source` (where the weights are), training jobs are accepted.
+    pub fn set_loaded(
+        &self,
+        engine: Engine,
+        adapters_dir: std::path::PathBuf,
+        source: Option<crate::model::ModelSource>,
+    ) {
         let base = BaseIdentity {
             name: self.model_id.clone(),
             sha256: engine.model_sha256().to_string(),
@@ -123,6 +133,21 @@ impl AppState {
                 }
             }
         }
+        let registry = Arc::new(registry);
+        if let Some(source) = source {
+            let context = crate::training::jobs::TrainingContext {
+                source,
+                max_len: engine.config().max_context,
+                base: crate::steering::adapter::BaseModel {
+                    name: self.model_id.clone(),
+                    sha256: engine.model_sha256().to_string(),
+                },
+                registry: registry.clone(),
+            };
+            let _ = self
+                .training
+                .set(crate::training::jobs::Jobs::start(context, 4));
+        }
         let _ = self.registry.set(registry);
         let _ = self.engine.set(engine);
     }
@@ -133,7 +158,10 @@ impl AppState {
     }
 
     pub fn registry(&self) -> Result<&Registry, ApiError> {
-        self.registry.get().ok_or_else(ApiError::not_ready)
+        self.registry
+            .get()
+            .map(|r| r.as_ref())
+            .ok_or_else(ApiError::not_ready)
     }
 
     /// The request's `model`: absent or the base id = the base model; an
@@ -177,6 +205,12 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/adapters/{name}/load", post(adapters::load))
         .route("/adapters/{name}", axum::routing::delete(adapters::unload))
         .route("/distribution/reset", post(distribution::reset))
+        .route("/adapters/train", post(training::submit))
+        .route(
+            "/adapters/train/{id}",
+            get(training::status).delete(training::cancel),
+        )
+        .route("/adapters/train/{id}/events", get(training::events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let open = Router::new()
         .route("/health", get(health::health))

@@ -28,6 +28,10 @@ use utoipa_swagger_ui::SwaggerUi;
         super::distribution::report,
         super::distribution::page,
         super::distribution::reset,
+        super::training::submit,
+        super::training::status,
+        super::training::cancel,
+        super::training::events,
     ),
     components(schemas(
         CompletionRequest, CompletionResponse, CompletionChoice, CompletionLogprobs, Prompt, Stop, StreamOptions,
@@ -39,7 +43,10 @@ use utoipa_swagger_ui::SwaggerUi;
         super::distribution::ResetRequest, super::distribution::ResetResponse,
         crate::monitor::report::Report, crate::monitor::report::AdapterReport, crate::monitor::report::WindowReport,
         crate::monitor::report::WindowKind, crate::monitor::report::Status, crate::monitor::report::Proportion,
-        crate::monitor::report::Divergence
+        crate::monitor::report::Divergence,
+        crate::training::jobs::JobRequest, crate::training::jobs::JobStatus, crate::training::jobs::JobState,
+        crate::training::trainer::TrainConfig, crate::training::data::TrainingData, crate::training::data::ValueSpec,
+        crate::training::data::PromptSpec
     )),
     tags((name = "OpenAI", description = "OpenAI-compatible endpoints"), (name = "Operations", description = "Health and metrics"), (name = "Steering", description = "Adapters and the served distribution"))
 )]

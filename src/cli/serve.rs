@@ -168,7 +168,11 @@ fn spawn_model_load(state: std::sync::Arc<AppState>, args: &ServeArgs) {
         match loaded {
             Ok(loaded) => {
                 let engine = Engine::start(loaded, config);
-                state.set_loaded(engine, adapters);
+                let source = model_args
+                    .resolve()
+                    .and_then(|p| ModelSource::from_path(&p))
+                    .ok();
+                state.set_loaded(engine, adapters, source);
                 tracing::info!("model loaded; ready");
             }
             Err(e) => {

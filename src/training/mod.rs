@@ -3,6 +3,7 @@
 //! loop build on these.
 
 pub mod data;
+pub mod jobs;
 pub mod losses;
 pub mod model;
 pub mod trainer;

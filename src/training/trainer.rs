@@ -265,7 +265,11 @@ fn report_progress(
     })
 }
 
-fn adapter_config(data: &TrainingData, cfg: &TrainConfig, base_model: BaseModel) -> AdapterConfig {
+pub fn adapter_config(
+    data: &TrainingData,
+    cfg: &TrainConfig,
+    base_model: BaseModel,
+) -> AdapterConfig {
     AdapterConfig {
         format_version: FORMAT_VERSION,
         base_model,

@@ -71,7 +71,11 @@ impl TestServer {
                 .adapters
                 .clone()
                 .unwrap_or_else(|| std::env::temp_dir().join("steerling-no-adapters"));
-            state.set_loaded(engine, dir);
+            state.set_loaded(
+                engine,
+                dir,
+                Some(steerling::model::ModelSource::from_path(&opts.model).unwrap()),
+            );
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

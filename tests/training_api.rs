@@ -1,0 +1,230 @@
+//! Training jobs over HTTP on the tiny model: 202 with a job, progress,
+//! events, the adapter served when done; cancellation; the queue limit;
+//! serving stays up while a job trains.
+
+mod common;
+
+use common::server::{sse_data, Options, TestServer};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn job(name: &str, sft: usize, kl: usize) -> Value {
+    json!({
+        "name": name,
+        "data": {
+            "attribute": "letter",
+            "values": [{"name": "v0", "patterns": ["alpha0"]}, {"name": "v1", "patterns": ["alpha1"]}],
+            "targets": {"default": {"v0": 0.8, "v1": 0.2}},
+            "prompts": [{"text": "Tell me about the nurse"}, {"text": "Hello there"}, {"text": "A story about the farmer"}],
+            "held_out": [{"text": "The engineer said"}],
+            "responses": {"v0": ["alpha0 said hello", "the nurse alpha0"], "v1": ["alpha1 said hello", "the farmer alpha1"]}
+        },
+        "settings": {"sft_steps": sft, "kl_steps": kl, "batch": 4, "rank": 2, "learning_rate": 0.01, "dropout": 0.0}
+    })
+}
+
+async fn wait_final(s: &TestServer, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = reqwest::get(s.url(&format!("/adapters/train/{id}")))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job did not finish: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_trains_reports_progress_and_its_adapter_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(Options {
+        adapters: Some(dir.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(s.url("/adapters/train"))
+        .json(&job("learned", 10, 30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let queued: Value = r.json().await.unwrap();
+    let id = queued["id"].as_str().unwrap().to_string();
+    assert_eq!(queued["total"], 40);
+    // Serving keeps answering while the job trains.
+    let mut served = 0;
+    loop {
+        let v: Value = c
+            .post(s.url("/v1/completions"))
+            .json(&json!({"prompt": "Hello", "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 4, true);
+        served += 1;
+        let st: Value = c
+            .get(s.url(&format!("/adapters/train/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if st["state"] != "queued" && st["state"] != "running" || served > 2000 {
+            break;
+        }
+    }
+    assert!(served >= 1);
+    let done = wait_final(&s, &id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["step"], 40);
+    assert!(done["held_out_mae"].as_f64().unwrap() < 0.6);
+    assert!(done["kl"].as_f64().is_some() && done["loss"].as_f64().is_some());
+    // The events stream replays the final state and ends.
+    let body = c
+        .get(s.url(&format!("/adapters/train/{id}/events")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(sse_data(&body).last().unwrap()).unwrap();
+    assert_eq!(last["state"], "succeeded");
+    // Served as a model.
+    let models: Value = reqwest::get(s.url("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(models.to_string().contains("\"learned\""));
+    let v: Value = c.post(s.url("/v1/completions")).json(&json!({"model": "learned", "prompt": "Hello", "max_tokens": 3, "steering": {"return": true}})).send().await.unwrap().json().await.unwrap();
+    assert!(v["choices"][0]["steering"]["value"].is_string(), "{v}");
+    assert!(dir.path().join("learned/adapter.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancellation_leaves_nothing_and_the_queue_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(Options {
+        adapters: Some(dir.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let long: Value = c
+        .post(s.url("/adapters/train"))
+        .json(&job("long", 5000, 5000))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = long["id"].as_str().unwrap().to_string();
+    // Four more wait; the sixth is refused.
+    let mut queued = Vec::new();
+    for i in 0..6 {
+        let r = c
+            .post(s.url("/adapters/train"))
+            .json(&job(&format!("q{i}"), 1, 1))
+            .send()
+            .await
+            .unwrap();
+        queued.push(r.status().as_u16());
+        if r.status() == 202 {
+            let v: Value = r.json().await.unwrap();
+            // Cancel queued jobs at once.
+            let cancelled: Value = c
+                .delete(s.url(&format!("/adapters/train/{}", v["id"].as_str().unwrap())))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(cancelled["state"], "cancelled");
+        } else {
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "server_overloaded");
+        }
+    }
+    assert!(
+        queued.iter().all(|&q| q == 202),
+        "cancelled jobs leave the queue: {queued:?}"
+    );
+    for i in 0..5 {
+        assert_eq!(
+            c.post(s.url("/adapters/train"))
+                .json(&job(&format!("w{i}"), 1, 1))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            if i < 4 { 202 } else { 429 }
+        );
+    }
+    let r = c
+        .delete(s.url(&format!("/adapters/train/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done = wait_final(&s, &id).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(
+        !dir.path().join("long").exists(),
+        "a cancelled job writes nothing"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with('.')),
+        "no temporary folders: {names:?}"
+    );
+    // Bad jobs are refused before they queue.
+    let mut bad = job("bad", 1, 1);
+    bad["data"]["targets"]["default"]["v0"] = json!(0.5);
+    let r = c
+        .post(s.url("/adapters/train"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("sums to"),
+        "{e}"
+    );
+    let r = c
+        .post(s.url("/adapters/train"))
+        .json(&job("../escape", 1, 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        c.get(s.url("/adapters/train/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
