@@ -113,12 +113,12 @@ fn training_moves_the_prior_to_the_target_and_the_adapter_serves() {
         .unwrap()
         .push("only alpha1 here".into());
     let cfg = TrainConfig {
-        sft_steps: 15,
+        sft_steps: 60,
         kl_steps: 60,
         batch: 8,
         learning_rate: 1e-2,
-        rank: 4,
-        alpha: 8.0,
+        rank: 8,
+        alpha: 16.0,
         dropout: 0.0,
         ..TrainConfig::default()
     };
@@ -142,8 +142,9 @@ fn training_moves_the_prior_to_the_target_and_the_adapter_serves() {
         trained.data.dropped_contradicting,
         vec!["v0: only alpha1 here".to_string()]
     );
-    assert_eq!(steps.len(), 75);
-    assert_eq!(steps.last().unwrap().1, 75);
+    assert_eq!(steps.len(), 121, "120 steps, then the measurement");
+    assert_eq!(steps[119].1, 120);
+    assert_eq!(steps.last().unwrap().0, "measure");
     assert!(steps.iter().all(|s| s.2.is_finite()));
     let record = &trained.config.training;
     let (before, after) = (
@@ -154,6 +155,15 @@ fn training_moves_the_prior_to_the_target_and_the_adapter_serves() {
         after <= before / 2.0,
         "held-out KL(target‖prior) {before} → {after}"
     );
+    let (c0, c1) = (
+        record["greedy_consistency_before"]["overall"]
+            .as_f64()
+            .unwrap(),
+        record["greedy_consistency"]["overall"].as_f64().unwrap(),
+    );
+    // A random 2-layer model learns little in 120 steps, but greedy answers
+    // do start to show the drawn value (0 → 0.125 with these seeds).
+    assert!(c1 > c0, "greedy detection consistency {c0} → {c1}");
     let mae = record["held_out_prior_mae"].as_f64().unwrap();
     assert!(mae < record["held_out_prior_mae_before"].as_f64().unwrap());
     // Written atomically, it loads and serves with the trained prior.

@@ -249,8 +249,8 @@ fn run(job: &Job, ctx: &TrainingContext, model: &mut Option<(Model, Tokenizer)>)
                 s.step = p.step;
                 s.total = p.total;
                 s.loss = Some(p.loss);
-                s.kl = p.kl;
-                s.kto = p.kto;
+                s.kl = p.kl.or(s.kl); // the measurement stage reports no losses: keep the last
+                s.kto = p.kto.or(s.kto);
                 s.eta_secs = Some(p.eta_secs);
             });
             !job.cancel.load(Ordering::Relaxed)

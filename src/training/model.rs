@@ -66,6 +66,11 @@ impl FrozenBase {
         })
     }
 
+    /// Longest sequence the rotary tables cover.
+    pub fn max_len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
     }

@@ -40,6 +40,9 @@ pub struct TrainConfig {
     pub lambda_undesirable: f64,
     /// Longest training sequence, in tokens.
     pub max_len: usize,
+    /// Tokens generated greedily per (held-out prompt, value) to measure
+    /// detection consistency after training (0 skips it).
+    pub consistency_tokens: usize,
     pub seed: u64,
 }
 
@@ -61,6 +64,7 @@ impl Default for TrainConfig {
             lambda_desirable: 1.0,
             lambda_undesirable: 1.0,
             max_len: 192,
+            consistency_tokens: 48,
             seed: 0,
         }
     }
@@ -143,6 +147,15 @@ pub fn train(
     )?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let prior_before = held_out_mae(&base, &tr, &prep)?;
+    let consistency_before = greedy_consistency(
+        &base,
+        &tr,
+        &prep,
+        tokenizer,
+        &detector,
+        &config.value_names(),
+        cfg.consistency_tokens,
+    )?;
     let start = Instant::now();
     let total = cfg.sft_steps + cfg.kl_steps;
     let mut optimizer = candle_nn::AdamW::new(
@@ -219,6 +232,27 @@ pub fn train(
         }
     }
     let prior_after = held_out_mae(&base, &tr, &prep)?;
+    if !progress(&Progress {
+        stage: "measure".into(),
+        step: total,
+        total,
+        loss: last.0,
+        kl: None,
+        kto: None,
+        elapsed_secs: start.elapsed().as_secs_f64(),
+        eta_secs: 0.0,
+    }) {
+        anyhow::bail!("cancelled");
+    }
+    let consistency = greedy_consistency(
+        &base,
+        &tr,
+        &prep,
+        tokenizer,
+        &detector,
+        &config.value_names(),
+        cfg.consistency_tokens,
+    )?;
     config.training = serde_json::json!({
         "method": "SFT, then KL + KTO against the stage-1 adapter (arXiv 2604.05756)",
         "settings": cfg,
@@ -230,6 +264,8 @@ pub fn train(
         "held_out_prior_mae": prior_after.0,
         "held_out_prior_kl_before": prior_before.1,
         "held_out_prior_kl": prior_after.1,
+        "greedy_consistency_before": consistency_before,
+        "greedy_consistency": consistency,
         "train_seconds": start.elapsed().as_secs_f64(),
     });
     Ok(Trained {
@@ -548,6 +584,74 @@ fn held_out_mae(base: &FrozenBase, tr: &Trainable, prep: &Prepared) -> Result<(f
     }
     let n = prompts.len().max(1) as f64;
     Ok((mae / n, kl / n))
+}
+
+/// For each value: the share of greedy answers (steering token placed after
+/// each held-out prompt) in which the detector finds that value.
+fn greedy_consistency(
+    base: &FrozenBase,
+    tr: &Trainable,
+    prep: &Prepared,
+    tok: &Tokenizer,
+    detector: &Detector,
+    names: &[String],
+    max_new: usize,
+) -> Result<serde_json::Value> {
+    if max_new == 0 {
+        return Ok(serde_json::Value::Null);
+    }
+    let prompts = if prep.held_out.is_empty() {
+        &prep.prompts
+    } else {
+        &prep.held_out
+    };
+    let vocab = prep.steer_ids[0] as usize;
+    let mut per_value = serde_json::Map::new();
+    let (mut agree, mut total) = (0usize, 0usize);
+    for (value, &steer) in prep.steer_ids.iter().enumerate() {
+        let mut hits = 0;
+        for (ids, _) in prompts.iter().take(8) {
+            let mut seq = [ids.clone(), vec![steer]].concat();
+            let mut answer = Vec::new();
+            for _ in 0..max_new {
+                if seq.len() >= base_len(base) {
+                    break;
+                }
+                let logits = forward(
+                    base,
+                    tr,
+                    &Tensor::new(seq.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+                    false,
+                )?;
+                let last: Vec<f32> = logits
+                    .narrow(1, seq.len() - 1, 1)?
+                    .flatten_all()?
+                    .narrow(0, 0, vocab)?
+                    .to_vec1()?;
+                let next = crate::engine::sampling::argmax(&last);
+                if tok.eos.contains(&next) {
+                    break;
+                }
+                seq.push(next);
+                answer.push(next);
+            }
+            let text = tok.decode(&answer)?;
+            if detector.detect(&text) == crate::steering::Detected::Value(value) {
+                hits += 1;
+            }
+            total += 1;
+        }
+        agree += hits;
+        per_value.insert(
+            names[value].clone(),
+            serde_json::json!(hits as f64 / prompts.len().min(8).max(1) as f64),
+        );
+    }
+    Ok(serde_json::json!({"overall": agree as f64 / total.max(1) as f64, "per_value": per_value}))
+}
+
+fn base_len(base: &FrozenBase) -> usize {
+    base.max_len()
 }
 
 /// The adapter's tensors, named as adapter.safetensors wants them.
