@@ -5,5 +5,6 @@
 pub mod data;
 pub mod jobs;
 pub mod losses;
+mod measure;
 pub mod model;
 pub mod trainer;
