@@ -156,7 +156,18 @@ impl Scheduler {
             self.running.retain(|s| !s.events.is_closed());
             self.publish_counts();
             if !self.running.is_empty() {
-                self.step();
+                // A panic in a step fails the sequences of that step, not the engine.
+                let stepped =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+                if stepped.is_err() {
+                    tracing::error!("engine step panicked; failing its sequences and going on");
+                    for seq in self.running.iter_mut() {
+                        let _ = seq
+                            .events
+                            .send(Event::Error("internal error during generation".into()));
+                        seq.finished = true;
+                    }
+                }
                 self.running.retain(|s| !s.finished);
             }
         }
