@@ -6,14 +6,7 @@ use common::server::{sse_data, Options, TestServer};
 use serde_json::{json, Value};
 
 async fn post(s: &TestServer, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
+    s.post_json("/v1/chat/completions", &body).await
 }
 
 fn messages() -> Value {

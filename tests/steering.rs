@@ -29,14 +29,9 @@ async fn server_with(
 }
 
 async fn complete(s: &TestServer, body: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    r.json().await.unwrap()
+    let (status, v) = s.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    v
 }
 
 fn drawn(v: &Value) -> Vec<String> {

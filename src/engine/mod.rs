@@ -139,7 +139,6 @@ pub enum SubmitError {
 pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
-    pub last_batch: AtomicUsize,
 }
 
 /// Runs `f` on a worker of a rayon pool with one thread per core, so the
@@ -242,10 +241,6 @@ impl Engine {
 
     pub fn waiting(&self) -> usize {
         self.stats.waiting.load(Ordering::Relaxed)
-    }
-
-    pub fn stats(&self) -> &EngineStats {
-        &self.stats
     }
 
     /// Queues a request; its events arrive on the returned channel.

@@ -256,7 +256,6 @@ impl Scheduler {
 
     fn step(&mut self) {
         let plan = self.plan();
-        self.stats.last_batch.store(plan.len(), Ordering::Relaxed);
         metrics::histogram!(m::BATCH_SIZE).record(plan.len() as f64);
         let outputs = match self.forward(&plan) {
             Ok(o) => o,

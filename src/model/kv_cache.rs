@@ -34,14 +34,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held (for memory accounting).
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| (l.k.capacity() + l.v.capacity()) * 4)
-            .sum()
-    }
-
     pub(crate) fn layer(&self, l: usize) -> &LayerCache {
         &self.layers[l]
     }

@@ -192,10 +192,6 @@ impl Lora {
         })
     }
 
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
     /// y (rows × out) += scale · B A x for each row of x (rows × in).
     pub fn add_to(&self, x: &[f32], y: &mut [f32]) {
         let input = self.a.len() / self.rank;

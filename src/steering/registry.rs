@@ -72,10 +72,6 @@ impl Registry {
         &self.dir
     }
 
-    pub fn base(&self) -> &BaseIdentity {
-        &self.base
-    }
-
     pub fn get(&self, name: &str) -> Option<Arc<Adapter>> {
         self.adapters
             .read()
