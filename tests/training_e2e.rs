@@ -142,10 +142,12 @@ fn training_moves_the_prior_to_the_target_and_the_adapter_serves() {
         trained.data.dropped_contradicting,
         vec!["v0: only alpha1 here".to_string()]
     );
-    assert_eq!(steps.len(), 121, "120 steps, then the measurement");
-    assert_eq!(steps[119].1, 120);
+    // Measuring the untrained adapter, 120 steps, measuring the trained one.
+    assert_eq!(steps.len(), 122);
+    assert_eq!((steps[0].0.as_str(), steps[0].1), ("measure", 0));
+    assert_eq!(steps[120].1, 120);
     assert_eq!(steps.last().unwrap().0, "measure");
-    assert!(steps.iter().all(|s| s.2.is_finite()));
+    assert!(steps[1..].iter().all(|s| s.2.is_finite()));
     let record = &trained.config.training;
     let (before, after) = (
         record["held_out_prior_kl_before"].as_f64().unwrap(),
@@ -190,7 +192,13 @@ fn training_moves_the_prior_to_the_target_and_the_adapter_serves() {
     );
     let adapter = registry.load("trained").unwrap();
     assert_eq!(adapter.config.value_names(), vec!["v0", "v1"]);
-    // Writing again replaces it whole.
+    // Writing again replaces the adapter and keeps the folder's other files.
+    std::fs::write(path.join("README.md"), "how it was made").unwrap();
+    std::fs::write(path.join("adapter.json"), "{ damaged").unwrap();
     write_adapter(dir.path(), "trained", &trained).unwrap();
     assert!(registry.load("trained").is_ok());
+    assert_eq!(
+        std::fs::read_to_string(path.join("README.md")).unwrap(),
+        "how it was made"
+    );
 }

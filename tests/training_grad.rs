@@ -45,6 +45,7 @@ fn training_forward_matches_the_serving_model() {
             .unsqueeze(0)
             .unwrap(),
         false,
+        0,
     )
     .unwrap();
     let ours: Vec<f32> = logits
@@ -77,6 +78,25 @@ fn training_forward_matches_the_serving_model() {
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
         / scale;
     assert!(diff < 1e-4, "relative max diff {diff}");
+    // Logits from a later position are the same rows, computed for fewer positions.
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let tail = forward(&base, &tr, &input, false, t - 2).unwrap();
+    assert_eq!(tail.dims(), &[1, 2, logits.dim(2).unwrap()]);
+    let tail_last: Vec<f32> = tail
+        .narrow(1, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let gap = tail_last
+        .iter()
+        .zip(&ours)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(gap <= 1e-5 * scale, "{gap}");
 }
 
 #[test]
@@ -106,7 +126,7 @@ fn gradients_match_finite_differences() {
         .unsqueeze(0)
         .unwrap();
     let loss_of = |tr: &Trainable| -> Tensor {
-        let logits = forward(&base, tr, &input, false).unwrap();
+        let logits = forward(&base, tr, &input, false, 0).unwrap();
         token_logprobs(&logits, &target)
             .unwrap()
             .sum_all()

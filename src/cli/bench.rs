@@ -35,6 +35,17 @@ pub struct BenchArgs {
     /// Folder of adapters for --steering.
     #[arg(long, default_value = "adapters")]
     pub adapters: std::path::PathBuf,
+    /// Also measure seconds per training step (SFT, then KL + KTO) on this
+    /// training data (default: the shipped adapter's data).
+    #[arg(long, value_name = "DATA", num_args = 0..=1,
+          default_missing_value = "adapters/occupation-gender/data.json")]
+    pub training: Option<std::path::PathBuf>,
+    /// Training steps timed per stage (after one untimed warm-up step).
+    #[arg(long, default_value_t = 4)]
+    pub training_steps: usize,
+    /// Training batch size.
+    #[arg(long, default_value_t = 8)]
+    pub training_batch: usize,
 }
 
 const TEXT: &str = "The history of the city begins with a small settlement on the river, where traders met to exchange grain, cloth and tools. ";
@@ -85,6 +96,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             short,
             args.decode_tokens,
         )?;
+    }
+    if let Some(data) = &args.training {
+        training_steps(&args, data)?;
     }
     if !args.no_baseline {
         if let ModelSource::Gguf(path) = ModelSource::from_path(&path)? {
@@ -209,6 +223,52 @@ fn steering_cost(
         );
     }
     let _ = std::fs::remove_dir_all(&generated);
+    Ok(())
+}
+
+/// Times training steps of each stage on the model (dequantized to f32, as
+/// training does), after one warm-up step per stage.
+fn training_steps(args: &BenchArgs, data: &std::path::Path) -> Result<()> {
+    use crate::training::data::TrainingData;
+    use crate::training::trainer::{train, TrainConfig};
+    let text = std::fs::read_to_string(data)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", data.display()))?;
+    let mut data: TrainingData = serde_json::from_str(&text)?;
+    // One held-out prompt keeps the before/after measurement short.
+    data.held_out.truncate(1);
+    let loaded = args.model.load()?;
+    let steps = args.training_steps + 1;
+    let cfg = TrainConfig {
+        sft_steps: steps,
+        kl_steps: steps,
+        batch: args.training_batch,
+        consistency_tokens: 0,
+        ..TrainConfig::default()
+    };
+    let base = crate::steering::adapter::BaseModel {
+        name: loaded.name.clone(),
+        sha256: loaded.sha256.clone(),
+    };
+    // One mark per finished step; a step's time is the gap to the previous
+    // mark of the same stage, so each stage's first step is the warm-up.
+    let mut marks: Vec<(String, Instant)> = Vec::new();
+    train(&loaded.model, &loaded.tokenizer, data, &cfg, base, |p| {
+        marks.push((p.stage.clone(), Instant::now()));
+        true
+    })?;
+    for stage in ["sft", "kl_kto"] {
+        let secs: Vec<f64> = marks
+            .windows(2)
+            .filter(|w| w[0].0 == stage && w[1].0 == stage)
+            .map(|w| w[1].1.duration_since(w[0].1).as_secs_f64())
+            .collect();
+        println!(
+            "training {stage}, batch {}: {:.2} s per step (mean of {})",
+            args.training_batch,
+            secs.iter().sum::<f64>() / secs.len().max(1) as f64,
+            secs.len()
+        );
+    }
     Ok(())
 }
 

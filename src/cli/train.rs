@@ -68,6 +68,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &job.settings,
         base,
         |p| {
+            if p.step == 0 {
+                let _ = write!(err, "measuring the untrained adapter on held-out prompts…");
+                let _ = err.flush();
+                return true;
+            }
             let width = 30;
             let filled = width * p.step / p.total.max(1);
             let kl = p.kl.map_or(String::new(), |k| format!(" kl {k:.4}"));

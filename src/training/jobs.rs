@@ -248,10 +248,11 @@ fn run(job: &Job, ctx: &TrainingContext, model: &mut Option<(Model, Tokenizer)>)
                 s.stage = p.stage.clone();
                 s.step = p.step;
                 s.total = p.total;
-                s.loss = Some(p.loss);
-                s.kl = p.kl.or(s.kl); // the measurement stage reports no losses: keep the last
+                // Measurement reports no losses (NaN before training): keep the last.
+                s.loss = Some(p.loss).filter(|l| l.is_finite()).or(s.loss);
+                s.kl = p.kl.or(s.kl);
                 s.kto = p.kto.or(s.kto);
-                s.eta_secs = Some(p.eta_secs);
+                s.eta_secs = Some(p.eta_secs).filter(|e| e.is_finite());
             });
             !job.cancel.load(Ordering::Relaxed)
         },

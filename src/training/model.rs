@@ -174,7 +174,16 @@ impl Trainable {
 
 /// Logits (batch, time, vocab + K) for token ids (batch, time); ids ≥ vocab
 /// are steering tokens. `train` turns LoRA dropout on.
-pub fn forward(base: &FrozenBase, tr: &Trainable, ids: &Tensor, train: bool) -> Result<Tensor> {
+/// Logits (b, t - from, vocab + K) for positions `from..t` of `ids` (b, t):
+/// positions before `from` are only context, and the head over the whole
+/// vocabulary is a fifth of a small model's compute.
+pub fn forward(
+    base: &FrozenBase,
+    tr: &Trainable,
+    ids: &Tensor,
+    train: bool,
+    from: usize,
+) -> Result<Tensor> {
     let cfg = &base.config;
     let (b, t) = ids.dims2()?;
     ensure!(
@@ -224,11 +233,68 @@ pub fn forward(base: &FrozenBase, tr: &Trainable, ids: &Tensor, train: bool) -> 
         let act = (candle_nn::ops::silu(&proj(ProjKind::Gate, &h)?)? * proj(ProjKind::Up, &h)?)?;
         x = (x + proj(ProjKind::Down, &act)?)?;
     }
+    ensure!(from < t, "logits from position {from} of {t}");
+    let x = x.narrow(1, from, t - from)?;
     let h = candle_nn::ops::rms_norm_slow(&x, &base.final_norm, eps)?;
     let steer_head = tr.steer_head.as_ref().unwrap_or(&tr.steer_embed);
-    let head = Tensor::cat(&[&base.head, steer_head.as_tensor()], 0)?;
-    let logits = h.reshape((b * t, cfg.hidden_size))?.matmul(&head.t()?)?;
-    Ok(logits.reshape((b, t, head.dim(0)?))?)
+    let vocab = frozen_matmul(&h, &base.head)?;
+    let steer = h.broadcast_matmul(&steer_head.as_tensor().t()?)?;
+    Ok(Tensor::cat(&[vocab, steer], D::Minus1)?)
+}
+
+/// x @ wᵀ for a frozen w. candle's matmul backward computes the gradient of
+/// both operands — for a frozen weight, a second matmul as large as the
+/// forward that is thrown away; this op's backward gives the input's only.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?)
+}
+
+struct FrozenMatmul {
+    /// (out, in)
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input not contiguous".into()))?;
+        let x = match storage {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &Device::Cpu)?,
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "frozen-matmul: f32 or f64 only".into(),
+                ))
+            }
+        };
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let flat = y.flatten_all()?;
+        let out = match flat.dtype() {
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            _ => CpuStorage::F32(flat.to_vec1()?),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
 }
 
 /// x (b, t, in) → (b, t, out): frozen weight plus the LoRA delta.
@@ -240,8 +306,7 @@ fn project(
     tr: &Trainable,
     train: bool,
 ) -> Result<Tensor> {
-    let w = &layer.weights[kind.index()];
-    let mut y = x.broadcast_matmul(&w.t()?)?;
+    let mut y = frozen_matmul(x, &layer.weights[kind.index()])?;
     if let Some(bias) = &layer.biases[kind.index()] {
         y = y.broadcast_add(bias)?;
     }

@@ -129,6 +129,7 @@ pub fn train(
     config.validate()?;
     let detector = Detector::new(&config)?;
     let report = data.validate(|t| detector.detect(t))?;
+    let _heap = HeapReuse::start();
     let base = FrozenBase::from_model(model, DType::F32, cfg.max_len)?;
     let prep = prepare(
         &data,
@@ -148,10 +149,26 @@ pub fn train(
         cfg.seed,
     )?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let prior_before = held_out_mae(&base, &tr, &prep)?;
+    let total = cfg.sft_steps + cfg.kl_steps;
+    // The untrained adapter is measured first, as the baseline.
+    let measuring = Progress {
+        stage: "measure".into(),
+        step: 0,
+        total,
+        loss: f64::NAN,
+        kl: None,
+        kto: None,
+        elapsed_secs: 0.0,
+        eta_secs: f64::NAN,
+    };
+    if !progress(&measuring) {
+        anyhow::bail!("cancelled");
+    }
+    let served = served_weights(&tr, &config, model)?;
+    let prior_before = held_out_mae(model, &served, &prep)?;
     let consistency_before = greedy_consistency(
-        &base,
-        &tr,
+        model,
+        &served,
         &prep,
         tokenizer,
         &detector,
@@ -159,7 +176,6 @@ pub fn train(
         cfg.consistency_tokens,
     )?;
     let start = Instant::now();
-    let total = cfg.sft_steps + cfg.kl_steps;
     let mut optimizer = candle_nn::AdamW::new(
         tr.vars(),
         candle_nn::ParamsAdamW {
@@ -172,7 +188,7 @@ pub fn train(
     for step in 0..cfg.sft_steps {
         let rows = sample_rows(&prep, cfg.batch, false, &mut rng);
         let batch = Batch::new(&prep, &rows)?;
-        let logits = forward(&base, &tr, &batch.ids, true)?;
+        let logits = forward(&base, &tr, &batch.ids, true, batch.from)?;
         let loss = losses::sft(
             &losses::token_logprobs(&logits, &batch.targets)?,
             &batch.mask,
@@ -192,10 +208,10 @@ pub fn train(
     for step in 0..cfg.kl_steps {
         let rows = sample_rows(&prep, cfg.batch, true, &mut rng);
         let batch = Batch::new(&prep, &rows)?;
-        let logits = forward(&base, &tr, &batch.ids, true)?;
+        let logits = forward(&base, &tr, &batch.ids, true, batch.from)?;
         let policy = losses::token_logprobs(&logits, &batch.targets)?;
         let ref_lp = losses::token_logprobs(
-            &forward(&base, &reference, &batch.ids, false)?,
+            &forward(&base, &reference, &batch.ids, false, batch.from)?,
             &batch.targets,
         )?
         .detach();
@@ -212,9 +228,12 @@ pub fn train(
             })
             .collect();
         let mb = Batch::new(&prep, &shifted)?;
-        let m_policy = losses::token_logprobs(&forward(&base, &tr, &mb.ids, false)?, &mb.targets)?;
-        let m_ref =
-            losses::token_logprobs(&forward(&base, &reference, &mb.ids, false)?, &mb.targets)?;
+        let m_policy =
+            losses::token_logprobs(&forward(&base, &tr, &mb.ids, false, mb.from)?, &mb.targets)?;
+        let m_ref = losses::token_logprobs(
+            &forward(&base, &reference, &mb.ids, false, mb.from)?,
+            &mb.targets,
+        )?;
         let mismatched = ((m_policy - m_ref)? * &mb.mask)?.sum(1)?.detach();
         let kto = losses::kto(&log_ratio, &batch.desirable, &mismatched, &loss_cfg)?;
         let steer_lp = steering_logprobs(&logits, &batch, &prep.steer_ids)?;
@@ -233,7 +252,8 @@ pub fn train(
             anyhow::bail!("cancelled");
         }
     }
-    let prior_after = held_out_mae(&base, &tr, &prep)?;
+    let served = served_weights(&tr, &config, model)?;
+    let prior_after = held_out_mae(model, &served, &prep)?;
     if !progress(&Progress {
         stage: "measure".into(),
         step: total,
@@ -247,8 +267,8 @@ pub fn train(
         anyhow::bail!("cancelled");
     }
     let consistency = greedy_consistency(
-        &base,
-        &tr,
+        model,
+        &served,
         &prep,
         tokenizer,
         &detector,
@@ -275,6 +295,15 @@ pub fn train(
         tensors: export(&tr, model.config.tie_word_embeddings)?,
         data: report,
     })
+}
+
+/// The adapter as the engine would load it, to measure it as served.
+fn served_weights(tr: &Trainable, config: &AdapterConfig, model: &Model) -> Result<AdapterWeights> {
+    AdapterWeights::from_tensors(
+        export(tr, model.config.tie_word_embeddings)?,
+        config,
+        &model.config,
+    )
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -431,6 +460,9 @@ struct Batch {
     ids: Tensor,
     targets: Tensor,
     mask: Tensor,
+    /// First position whose logits are needed (the earliest steering
+    /// position); `targets`, `mask` and `steer_pos` count from it.
+    from: usize,
     /// Position whose logits predict the steering token, per row.
     steer_pos: Vec<usize>,
     desirable: Tensor,
@@ -451,18 +483,23 @@ impl Batch {
             })
             .collect();
         let t = seqs.iter().map(|s| s.len() - 1).max().unwrap_or(1);
+        let plens: Vec<usize> = rows
+            .iter()
+            .map(|r| prep.prompts[r.prompt].0.len())
+            .collect();
+        let from = plens.iter().min().map_or(0, |p| p - 1);
         let (mut ids, mut targets, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        let mut steer_pos = Vec::new();
-        for (row, seq) in rows.iter().zip(&seqs) {
-            let plen = prep.prompts[row.prompt].0.len();
-            steer_pos.push(plen - 1);
+        for (seq, &plen) in seqs.iter().zip(&plens) {
             for j in 0..t {
                 let inside = j + 1 < seq.len();
                 ids.push(if j < seq.len() { seq[j] } else { 0 });
-                targets.push(if inside { seq[j + 1] } else { 0 });
-                mask.push(if inside && j + 1 >= plen { 1f32 } else { 0.0 });
+                if j >= from {
+                    targets.push(if inside { seq[j + 1] } else { 0 });
+                    mask.push(if inside && j + 1 >= plen { 1f32 } else { 0.0 });
+                }
             }
         }
+        let steer_pos = plens.iter().map(|p| p - 1 - from).collect();
         let b = rows.len();
         let dist: Vec<f32> = rows
             .iter()
@@ -470,8 +507,9 @@ impl Batch {
             .collect();
         Ok(Self {
             ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
-            targets: Tensor::from_vec(targets, (b, t), &Device::Cpu)?,
-            mask: Tensor::from_vec(mask, (b, t), &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, (b, t - from), &Device::Cpu)?,
+            mask: Tensor::from_vec(mask, (b, t - from), &Device::Cpu)?,
+            from,
             steer_pos,
             desirable: Tensor::from_vec(
                 rows.iter()
@@ -613,6 +651,7 @@ pub fn write_adapter(
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
     let dest = dir.join(name);
+    keep_other_files(&dest, &tmp)?;
     let old = dir.join(format!(".{name}.old-{}", std::process::id()));
     if dest.exists() {
         std::fs::rename(&dest, &old)?;
@@ -620,4 +659,53 @@ pub fn write_adapter(
     std::fs::rename(&tmp, &dest)?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(dest)
+}
+
+/// Copies the files of an adapter folder that are not the adapter itself
+/// (its README, training data) into the replacement, so retraining in place
+/// keeps them.
+fn keep_other_files(dest: &std::path::Path, tmp: &std::path::Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dest) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let own = name == CONFIG_FILE || name == WEIGHTS_FILE;
+        if !own && entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), tmp.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// While training, glibc keeps freed memory for reuse. Every step allocates
+/// and frees tensors of tens of megabytes (logits over the vocabulary and
+/// their gradients); by default each is a fresh mmap whose pages the kernel
+/// must zero, a quarter of a KL + KTO step. Dropping the guard restores the
+/// defaults and hands the memory back.
+struct HeapReuse;
+
+impl HeapReuse {
+    fn start() -> Self {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator tunables.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+        HeapReuse
+    }
+}
+
+impl Drop for HeapReuse {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: as above; malloc_trim only releases free memory.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 65536);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+            libc::malloc_trim(0);
+        }
+    }
 }
