@@ -411,3 +411,23 @@ async fn sampling_extensions_and_logit_bias() {
     let (status, _) = post(&s, json!({"prompt": "Hello", "max_tokens": 4, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 0.5, "user": "u1", "top_p": 0.9})).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn ignore_eos_generates_to_max_tokens() {
+    let s = TestServer::start(Options::default()).await;
+    let eos = s.engine().tokenizer().eos[0];
+    // The bias makes end-of-sequence the greedy choice at every step.
+    let body = |ignore: bool| {
+        json!({"prompt": "Hello", "max_tokens": 6, "temperature": 0,
+               "logit_bias": {eos.to_string(): 100}, "ignore_eos": ignore})
+    };
+    let (status, stopped) = post(&s, body(false)).await;
+    assert_eq!(status, 200, "{stopped}");
+    // End-of-sequence at once: it counts as the one completion token.
+    assert_eq!(stopped["usage"]["completion_tokens"], 1, "{stopped}");
+    assert_eq!(stopped["choices"][0]["text"], "");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    let (_, full) = post(&s, body(true)).await;
+    assert_eq!(full["usage"]["completion_tokens"], 6, "{full}");
+    assert_eq!(full["choices"][0]["finish_reason"], "length");
+}

@@ -300,12 +300,7 @@ async fn adapters_are_models_and_leave_the_base_untouched() {
         json!({"prompt": "The teacher", "max_tokens": 10, "temperature": 0}),
     )
     .await;
-    let models: Value = reqwest::get(s.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = s.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

@@ -103,12 +103,7 @@ async fn a_job_trains_reports_progress_and_its_adapter_is_served() {
     let last: Value = serde_json::from_str(sse_data(&body).last().unwrap()).unwrap();
     assert_eq!(last["state"], "succeeded");
     // Served as a model.
-    let models: Value = reqwest::get(s.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = s.get_json("/v1/models").await;
     assert!(models.to_string().contains("\"learned\""));
     let v: Value = c.post(s.url("/v1/completions")).json(&json!({"model": "learned", "prompt": "Hello", "max_tokens": 3, "steering": {"return": true}})).send().await.unwrap().json().await.unwrap();
     assert!(v["choices"][0]["steering"]["value"].is_string(), "{v}");

@@ -187,8 +187,14 @@ pub async fn create(
         super::validation::fit_context(prompt.len() + steered, requested, param, limits)?;
     let requests = (0..n)
         .map(|j| {
-            let mut r =
-                super::validation::engine_request(prompt.clone(), max_tokens, &params, &stop, j);
+            let mut r = super::validation::engine_request(
+                prompt.clone(),
+                max_tokens,
+                &params,
+                &stop,
+                req.sampling.ignore_eos,
+                j,
+            );
             if let Some(s) = &steer {
                 s.attach(&mut r, &state.balanced, req.sampling.seed, j);
             }

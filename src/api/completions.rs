@@ -130,7 +130,14 @@ fn plan(req: &CompletionRequest, state: &AppState, engine: &Engine) -> Result<Pl
     let mut requests = Vec::new();
     for (pi, prompt) in prompts.iter().enumerate() {
         for j in 0..best_of {
-            let mut r = validation::engine_request(prompt.clone(), max_tokens, &params, &stop, j);
+            let mut r = validation::engine_request(
+                prompt.clone(),
+                max_tokens,
+                &params,
+                &stop,
+                req.sampling.ignore_eos,
+                j,
+            );
             if req.echo {
                 r.prompt_logprobs = req.logprobs;
             }

@@ -66,6 +66,10 @@ pub struct SamplingFields {
     pub min_p: Option<f32>,
     /// Extension: > 0; 1 = off.
     pub repetition_penalty: Option<f32>,
+    /// Extension: keep generating past end-of-sequence, to `max_tokens`
+    /// (for benchmarks, as in vLLM and llama.cpp).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// Extension: how a steering adapter draws this request's rounds.
     pub steering: Option<SteeringOptions>,
 }

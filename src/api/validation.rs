@@ -254,6 +254,7 @@ pub fn engine_request(
     max_tokens: usize,
     params: &SamplingParams,
     stop: &[String],
+    ignore_eos: bool,
     choice: usize,
 ) -> GenerateRequest {
     let mut params = params.clone();
@@ -262,5 +263,6 @@ pub fn engine_request(
         .map(|s| crate::engine::sampling::derive_seed(s, choice as u64));
     let mut r = GenerateRequest::new(prompt, max_tokens, params);
     r.stop = stop.to_vec();
+    r.ignore_eos = ignore_eos;
     r
 }

@@ -121,6 +121,16 @@ impl TestServer {
         (status, r.json().await.unwrap())
     }
 
+    /// GETs a JSON body (any status).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        reqwest::get(self.url(path))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Starts graceful shutdown.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
