@@ -123,10 +123,12 @@ for name in $SERVERS; do
   start_server "$name" "$PORT"
   if [ "$name" = steerling-steering ]; then
     # The cost of steering: the same requests to the adapter, drawn (prior) or not (off).
-    for policy in off prior; do
-      load "$name" "$policy-c16" --concurrency 16 --requests 48 --max-tokens "$MAX_TOKENS" \
-        --extra "{\"steering\":{\"policy\":\"$policy\"}}"
-    done
+    # `off` gets the adapter's prompt format from the client, so both see
+    # the same tokens and only the draw, the hidden token and the LoRA differ.
+    load "$name" off-c16 --concurrency 16 --requests 48 --max-tokens "$MAX_TOKENS" \
+      --prompt-format-of "adapters/$ADAPTER/adapter.json" --extra '{"steering":{"policy":"off"}}'
+    load "$name" prior-c16 --concurrency 16 --requests 48 --max-tokens "$MAX_TOKENS" \
+      --extra '{"steering":{"policy":"prior"}}'
   else
     # TTFT on a 500-token prompt, one request at a time.
     load "$name" ttft500 --concurrency 1 --requests 4 --prompt-words 500 --max-tokens 4

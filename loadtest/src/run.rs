@@ -38,8 +38,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Prompt length, in words of a fixed list (about one token each).
+    /// Each request gets its own random words, so no server can answer from
+    /// a prompt cache.
     #[arg(long, default_value_t = 64)]
     pub prompt_words: usize,
+    /// Wrap every prompt in this adapter's prompt format (its adapter.json),
+    /// as the server does for requests to the adapter.
+    #[arg(long)]
+    pub prompt_format_of: Option<PathBuf>,
     /// Tokens to generate per request (ignore_eos is set, as in vLLM's bench).
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -97,9 +103,10 @@ const WORDS: &[&str] = &[
     "music", "paper", "window", "summer", "bridge", "forest", "letter", "table", "morning", "city",
 ];
 
-/// A prompt of `n` words from a fixed list, the same for every server.
-pub fn prompt(n: usize) -> String {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+/// A prompt of `n` words from a fixed list; the same seed gives the same
+/// prompt, for every server.
+pub fn prompt(n: usize, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let words: Vec<&str> = (0..n)
         .map(|_| WORDS[rng.random_range(0..WORDS.len())])
         .collect();
@@ -107,8 +114,16 @@ pub fn prompt(n: usize) -> String {
 }
 
 pub fn body(args: &RunArgs, seed: u64) -> Result<Value> {
+    let (prefix, suffix) = match &args.prompt_format_of {
+        None => (String::new(), String::new()),
+        Some(path) => {
+            let config: steerling::steering::AdapterConfig =
+                serde_json::from_str(&std::fs::read_to_string(path)?)?;
+            (config.prompt_format.prefix, config.prompt_format.suffix)
+        }
+    };
     let mut body = json!({
-        "prompt": prompt(args.prompt_words),
+        "prompt": format!("{prefix}{}{suffix}", prompt(args.prompt_words, seed)),
         "max_tokens": args.max_tokens,
         "ignore_eos": true,
         "temperature": 1.0,
