@@ -253,12 +253,10 @@ async fn swaps_and_unloads_never_disturb_requests_in_flight() {
     for _ in 0..3 {
         assert_eq!(fx.load("good").await.0, 200);
     }
-    let r = reqwest::Client::new()
-        .delete(fx.server.url("/adapters/good"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        status(fx.server.url("/adapters/good"), "DELETE", None).await,
+        200
+    );
     for t in tasks {
         let r = t.await.unwrap();
         // Requests admitted before the unload finish; later ones get 404, never 5xx.
@@ -276,12 +274,7 @@ async fn swaps_and_unloads_never_disturb_requests_in_flight() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(
-        reqwest::Client::new()
-            .delete(fx.server.url("/adapters/good"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(fx.server.url("/adapters/good"), "DELETE", None).await,
         404
     );
     assert_eq!(fx.load("good").await.0, 200);
@@ -299,12 +292,7 @@ async fn admin_endpoints_are_guarded() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "admin_disabled");
     assert_eq!(
-        reqwest::Client::new()
-            .post(closed.server.url("/distribution/reset"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(closed.server.url("/distribution/reset"), "POST", None).await,
         403
     );
     let keyed = fixture(|o| {
@@ -312,42 +300,22 @@ async fn admin_endpoints_are_guarded() {
         o.admin_key = Some("root".into());
     })
     .await;
-    let c = reqwest::Client::new();
-    assert_eq!(
-        c.post(keyed.server.url("/adapters/good/load"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.post(keyed.server.url("/adapters/good/load"))
-            .bearer_auth("wrong")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.post(keyed.server.url("/adapters/good/load"))
-            .bearer_auth("root")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.delete(keyed.server.url("/adapters/good"))
-            .bearer_auth("root")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let load = keyed.server.url("/adapters/good/load");
+    assert_eq!(status(load.clone(), "POST", None).await, 401);
+    assert_eq!(status(load.clone(), "POST", Some("wrong")).await, 401);
+    assert_eq!(status(load, "POST", Some("root")).await, 200);
+    let unload = keyed.server.url("/adapters/good");
+    assert_eq!(status(unload, "DELETE", Some("root")).await, 200);
+}
+
+/// The status of an empty-bodied request, with a bearer key or none.
+async fn status(url: String, method: &str, key: Option<&str>) -> u16 {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap().status().as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,14 +40,19 @@ async fn wait_final(s: &TestServer, id: &str) -> Value {
     }
 }
 
+/// A server on the tiny model whose adapters folder is `dir`.
+async fn server_writing_to(dir: &std::path::Path) -> TestServer {
+    TestServer::start(Options {
+        adapters: Some(dir.to_path_buf()),
+        ..Options::default()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_trains_reports_progress_and_its_adapter_is_served() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(Options {
-        adapters: Some(dir.path().to_path_buf()),
-        ..Options::default()
-    })
-    .await;
+    let s = server_writing_to(dir.path()).await;
     let c = reqwest::Client::new();
     let r = c
         .post(s.url("/adapters/train"))
@@ -105,7 +110,9 @@ async fn a_job_trains_reports_progress_and_its_adapter_is_served() {
     // Served as a model.
     let models: Value = s.get_json("/v1/models").await;
     assert!(models.to_string().contains("\"learned\""));
-    let v: Value = c.post(s.url("/v1/completions")).json(&json!({"model": "learned", "prompt": "Hello", "max_tokens": 3, "steering": {"return": true}})).send().await.unwrap().json().await.unwrap();
+    let body = json!({"model": "learned", "prompt": "Hello", "max_tokens": 3,
+                      "steering": {"return": true}});
+    let (_, v) = s.post_json("/v1/completions", &body).await;
     assert!(v["choices"][0]["steering"]["value"].is_string(), "{v}");
     assert!(dir.path().join("learned/adapter.json").exists());
 }
@@ -113,11 +120,7 @@ async fn a_job_trains_reports_progress_and_its_adapter_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancellation_leaves_nothing_and_the_queue_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(Options {
-        adapters: Some(dir.path().to_path_buf()),
-        ..Options::default()
-    })
-    .await;
+    let s = server_writing_to(dir.path()).await;
     let c = reqwest::Client::new();
     let long: Value = c
         .post(s.url("/adapters/train"))

@@ -113,35 +113,57 @@ pub fn prompt(n: usize, seed: u64) -> String {
     words.join(" ")
 }
 
-pub fn body(args: &RunArgs, seed: u64) -> Result<Value> {
-    let (prefix, suffix) = match &args.prompt_format_of {
-        None => (String::new(), String::new()),
-        Some(path) => {
-            let config: steerling::steering::AdapterConfig =
-                serde_json::from_str(&std::fs::read_to_string(path)?)?;
-            (config.prompt_format.prefix, config.prompt_format.suffix)
+/// The requests of a run, built once: every body is the same apart from
+/// its prompt words and seed.
+pub struct Requests {
+    template: Value,
+    prefix: String,
+    suffix: String,
+    words: usize,
+}
+
+impl Requests {
+    pub fn new(args: &RunArgs) -> Result<Self> {
+        let (prefix, suffix) = match &args.prompt_format_of {
+            None => (String::new(), String::new()),
+            Some(path) => {
+                let config: steerling::steering::AdapterConfig =
+                    serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                (config.prompt_format.prefix, config.prompt_format.suffix)
+            }
+        };
+        let mut template = json!({
+            "max_tokens": args.max_tokens,
+            "ignore_eos": true,
+            "temperature": 1.0,
+        });
+        if let Some(m) = &args.model {
+            template["model"] = json!(m);
         }
-    };
-    let mut body = json!({
-        "prompt": format!("{prefix}{}{suffix}", prompt(args.prompt_words, seed)),
-        "max_tokens": args.max_tokens,
-        "ignore_eos": true,
-        "temperature": 1.0,
-        "seed": seed,
-    });
-    if let Some(m) = &args.model {
-        body["model"] = json!(m);
-    }
-    if let Some(extra) = &args.extra {
-        let extra: Value = serde_json::from_str(extra)?;
-        let obj = extra
-            .as_object()
-            .ok_or_else(|| anyhow::anyhow!("--extra must be a JSON object"))?;
-        for (k, v) in obj {
-            body[k] = v.clone();
+        if let Some(extra) = &args.extra {
+            let extra: Value = serde_json::from_str(extra)?;
+            let obj = extra
+                .as_object()
+                .ok_or_else(|| anyhow::anyhow!("--extra must be a JSON object"))?;
+            for (k, v) in obj {
+                template[k] = v.clone();
+            }
         }
+        Ok(Self {
+            template,
+            prefix,
+            suffix,
+            words: args.prompt_words,
+        })
     }
-    Ok(body)
+
+    pub fn body(&self, seed: u64) -> Value {
+        let mut body = self.template.clone();
+        let (prefix, suffix) = (&self.prefix, &self.suffix);
+        body["prompt"] = json!(format!("{prefix}{}{suffix}", prompt(self.words, seed)));
+        body["seed"] = json!(seed);
+        body
+    }
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -160,9 +182,10 @@ pub async fn measure(args: &RunArgs) -> Result<Report> {
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
     let target = Target::new(&args.url, !args.no_keep_alive)?;
+    let requests = Requests::new(args)?;
     for i in 0..args.warmup {
         let o = target
-            .stream_completion(body(args, 1_000_000 + i as u64)?)
+            .stream_completion(requests.body(1_000_000 + i as u64))
             .await;
         if let Some(e) = o.error {
             anyhow::bail!("warm-up request failed: {e}");
@@ -185,7 +208,7 @@ pub async fn measure(args: &RunArgs) -> Result<Report> {
             break;
         }
         let permit = permits.clone().acquire_owned().await?;
-        let (target, body) = (target.clone(), body(args, args.seed + i as u64)?);
+        let (target, body) = (target.clone(), requests.body(args.seed + i as u64));
         tasks.push(tokio::spawn(async move {
             let o = target.stream_completion(body).await;
             drop(permit);

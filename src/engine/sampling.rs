@@ -195,6 +195,14 @@ pub fn derive_seed(seed: u64, stream: u64) -> u64 {
     splitmix(seed ^ splitmix(stream))
 }
 
+/// Probabilities (f64) from logits: the steering prior over K values.
+pub fn softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
+
 /// Index of the largest logit (the lowest id among ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

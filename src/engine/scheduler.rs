@@ -101,13 +101,6 @@ fn embed(
     Ok(candle_core::Tensor::cat(&parts, 0)?)
 }
 
-fn softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|e| e / sum).collect()
-}
-
 /// One sequence's share of a step.
 struct Planned {
     index: usize,
@@ -360,7 +353,7 @@ impl Scheduler {
         };
         if seq.awaiting_draw() {
             let steering = seq.request.steering.as_mut().expect("steered");
-            let prior = softmax(&last[vocab..]);
+            let prior = super::sampling::softmax(&last[vocab..]);
             let value = (steering.draw)(&prior);
             seq.tokens.push(steering.adapter.token_id(value));
             seq.hidden += 1;

@@ -2,9 +2,11 @@
 //! dense weights and the KL + KTO objective. The job queue and the trainer
 //! loop build on these.
 
+mod batch;
 pub mod data;
 pub mod jobs;
 pub mod losses;
 mod measure;
 pub mod model;
+mod output;
 pub mod trainer;

@@ -3,19 +3,22 @@
 //! linear warm-up and gradient clipping; then the held-out prior is measured
 //! and the adapter is written.
 
+use super::batch::{prepare, sample_rows, steering_logprobs, Batch, Row};
 use super::data::{DataReport, TrainingData};
 use super::losses::{self, LossConfig};
-use super::measure::{greedy_consistency, held_out_mae};
+use super::measure::Measurement;
 use super::model::{forward, FrozenBase, LoraVars, Trainable};
+pub use super::output::write_adapter;
+use super::output::{export, served_weights};
 use crate::model::{Model, ProjKind};
 use crate::steering::adapter::*;
 use crate::steering::detect::Detector;
 use crate::tokenizer::Tokenizer;
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::Optimizer;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -85,27 +88,26 @@ pub struct Progress {
     pub eta_secs: f64,
 }
 
+impl Progress {
+    /// The measurement stage (before training at step 0, after it at `total`).
+    fn measuring(step: usize, total: usize, loss: f64, elapsed_secs: f64) -> Self {
+        Self {
+            stage: "measure".into(),
+            step,
+            total,
+            loss,
+            kl: None,
+            kto: None,
+            elapsed_secs,
+            eta_secs: if step == 0 { f64::NAN } else { 0.0 },
+        }
+    }
+}
+
 pub struct Trained {
     pub config: AdapterConfig,
     pub tensors: HashMap<String, Tensor>,
     pub data: DataReport,
-}
-
-/// One training row: prompt, the value whose token is placed, the response.
-struct Row {
-    prompt: usize,
-    value: usize,
-    response: Vec<u32>,
-    desirable: bool,
-}
-
-pub(super) struct Prepared {
-    /// (formatted prompt ids, target) per prompt.
-    pub(super) prompts: Vec<(Vec<u32>, Vec<f64>)>,
-    pub(super) held_out: Vec<(Vec<u32>, Vec<f64>)>,
-    /// responses[value] = tokenized responses (with end-of-sequence).
-    pub(super) responses: Vec<Vec<Vec<u32>>>,
-    pub(super) steer_ids: Vec<u32>,
 }
 
 pub fn train(
@@ -151,30 +153,20 @@ pub fn train(
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let total = cfg.sft_steps + cfg.kl_steps;
     // The untrained adapter is measured first, as the baseline.
-    let measuring = Progress {
-        stage: "measure".into(),
-        step: 0,
-        total,
-        loss: f64::NAN,
-        kl: None,
-        kto: None,
-        elapsed_secs: 0.0,
-        eta_secs: f64::NAN,
+    let names = config.value_names();
+    let measurement = Measurement {
+        model,
+        prep: &prep,
+        tok: tokenizer,
+        detector: &detector,
+        names: &names,
+        max_new: cfg.consistency_tokens,
     };
-    if !progress(&measuring) {
+    let measure = |tr: &Trainable| measurement.run(&served_weights(tr, &config, model)?);
+    if !progress(&Progress::measuring(0, total, f64::NAN, 0.0)) {
         anyhow::bail!("cancelled");
     }
-    let served = served_weights(&tr, &config, model)?;
-    let prior_before = held_out_mae(model, &served, &prep)?;
-    let consistency_before = greedy_consistency(
-        model,
-        &served,
-        &prep,
-        tokenizer,
-        &detector,
-        &config.value_names(),
-        cfg.consistency_tokens,
-    )?;
+    let before = measure(&tr)?;
     let start = Instant::now();
     let mut optimizer = candle_nn::AdamW::new(
         tr.vars(),
@@ -252,29 +244,11 @@ pub fn train(
             anyhow::bail!("cancelled");
         }
     }
-    let served = served_weights(&tr, &config, model)?;
-    let prior_after = held_out_mae(model, &served, &prep)?;
-    if !progress(&Progress {
-        stage: "measure".into(),
-        step: total,
-        total,
-        loss: last.0,
-        kl: None,
-        kto: None,
-        elapsed_secs: start.elapsed().as_secs_f64(),
-        eta_secs: 0.0,
-    }) {
+    let elapsed = start.elapsed().as_secs_f64();
+    if !progress(&Progress::measuring(total, total, last.0, elapsed)) {
         anyhow::bail!("cancelled");
     }
-    let consistency = greedy_consistency(
-        model,
-        &served,
-        &prep,
-        tokenizer,
-        &detector,
-        &config.value_names(),
-        cfg.consistency_tokens,
-    )?;
+    let after = measure(&tr)?;
     config.training = serde_json::json!({
         "method": "SFT, then KL + KTO against the stage-1 adapter (arXiv 2604.05756)",
         "settings": cfg,
@@ -282,12 +256,12 @@ pub fn train(
         "final_loss": last.0,
         "final_kl": last.1,
         "final_kto": last.2,
-        "held_out_prior_mae_before": prior_before.0,
-        "held_out_prior_mae": prior_after.0,
-        "held_out_prior_kl_before": prior_before.1,
-        "held_out_prior_kl": prior_after.1,
-        "greedy_consistency_before": consistency_before,
-        "greedy_consistency": consistency,
+        "held_out_prior_mae_before": before.mae,
+        "held_out_prior_mae": after.mae,
+        "held_out_prior_kl_before": before.kl,
+        "held_out_prior_kl": after.kl,
+        "greedy_consistency_before": before.consistency,
+        "greedy_consistency": after.consistency,
         "train_seconds": start.elapsed().as_secs_f64(),
     });
     Ok(Trained {
@@ -295,15 +269,6 @@ pub fn train(
         tensors: export(&tr, model.config.tie_word_embeddings)?,
         data: report,
     })
-}
-
-/// The adapter as the engine would load it, to measure it as served.
-fn served_weights(tr: &Trainable, config: &AdapterConfig, model: &Model) -> Result<AdapterWeights> {
-    AdapterWeights::from_tensors(
-        export(tr, model.config.tie_word_embeddings)?,
-        config,
-        &model.config,
-    )
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -368,49 +333,6 @@ pub fn adapter_config(
     }
 }
 
-fn prepare(
-    data: &TrainingData,
-    config: &AdapterConfig,
-    tok: &Tokenizer,
-    vocab: usize,
-    max_len: usize,
-) -> Result<Prepared> {
-    let f = &data.prompt_format;
-    let encode_prompt = |p: &super::data::PromptSpec| -> Result<(Vec<u32>, Vec<f64>)> {
-        let ids = tok.encode(&format!("{}{}{}", f.prefix, p.text, f.suffix), true)?;
-        ensure!(ids.len() + 2 < max_len, "a prompt is longer than max_len");
-        Ok((
-            ids,
-            config.target(p.context.as_deref().unwrap_or("default")),
-        ))
-    };
-    let eos: Vec<u32> = tok.eos.first().copied().into_iter().collect();
-    let responses = data
-        .value_names()
-        .iter()
-        .map(|name| {
-            data.responses[name]
-                .iter()
-                .map(|r| Ok([tok.encode(r, false)?, eos.clone()].concat()))
-                .collect::<Result<Vec<_>>>()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Prepared {
-        prompts: data
-            .prompts
-            .iter()
-            .map(encode_prompt)
-            .collect::<Result<_>>()?,
-        held_out: data
-            .held_out
-            .iter()
-            .map(encode_prompt)
-            .collect::<Result<_>>()?,
-        responses,
-        steer_ids: (0..data.values.len()).map(|k| (vocab + k) as u32).collect(),
-    })
-}
-
 /// Each steering row starts as the mean embedding of its value's name.
 fn name_embeddings(base: &FrozenBase, tok: &Tokenizer, data: &TrainingData) -> Result<Tensor> {
     let rows = data
@@ -422,119 +344,6 @@ fn name_embeddings(base: &FrozenBase, tok: &Tokenizer, data: &TrainingData) -> R
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&rows, 0)?)
-}
-
-/// A batch of rows: desirable ones (value v, a response showing v); in
-/// stage 2 half are undesirable (value v, a response showing another value).
-fn sample_rows(
-    prep: &Prepared,
-    batch: usize,
-    with_undesirable: bool,
-    rng: &mut StdRng,
-) -> Vec<Row> {
-    let k = prep.responses.len();
-    (0..batch)
-        .map(|i| {
-            let prompt = rng.random_range(0..prep.prompts.len());
-            let value = rng.random_range(0..k);
-            let desirable = !with_undesirable || i % 2 == 0;
-            let shown = if desirable {
-                value
-            } else {
-                (value + rng.random_range(1..k)) % k
-            };
-            let pool = &prep.responses[shown];
-            Row {
-                prompt,
-                value,
-                response: pool[rng.random_range(0..pool.len())].clone(),
-                desirable,
-            }
-        })
-        .collect()
-}
-
-/// Padded tensors for a list of rows: input = prompt + steering token +
-/// response; the loss covers the steering token and the response.
-struct Batch {
-    ids: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    /// First position whose logits are needed (the earliest steering
-    /// position); `targets`, `mask` and `steer_pos` count from it.
-    from: usize,
-    /// Position whose logits predict the steering token, per row.
-    steer_pos: Vec<usize>,
-    desirable: Tensor,
-    target_dist: Tensor,
-}
-
-impl Batch {
-    fn new(prep: &Prepared, rows: &[Row]) -> Result<Self> {
-        let seqs: Vec<Vec<u32>> = rows
-            .iter()
-            .map(|r| {
-                [
-                    prep.prompts[r.prompt].0.clone(),
-                    vec![prep.steer_ids[r.value]],
-                    r.response.clone(),
-                ]
-                .concat()
-            })
-            .collect();
-        let t = seqs.iter().map(|s| s.len() - 1).max().unwrap_or(1);
-        let plens: Vec<usize> = rows
-            .iter()
-            .map(|r| prep.prompts[r.prompt].0.len())
-            .collect();
-        let from = plens.iter().min().map_or(0, |p| p - 1);
-        let (mut ids, mut targets, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        for (seq, &plen) in seqs.iter().zip(&plens) {
-            for j in 0..t {
-                let inside = j + 1 < seq.len();
-                ids.push(if j < seq.len() { seq[j] } else { 0 });
-                if j >= from {
-                    targets.push(if inside { seq[j + 1] } else { 0 });
-                    mask.push(if inside && j + 1 >= plen { 1f32 } else { 0.0 });
-                }
-            }
-        }
-        let steer_pos = plens.iter().map(|p| p - 1 - from).collect();
-        let b = rows.len();
-        let dist: Vec<f32> = rows
-            .iter()
-            .flat_map(|r| prep.prompts[r.prompt].1.iter().map(|&p| p as f32))
-            .collect();
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
-            targets: Tensor::from_vec(targets, (b, t - from), &Device::Cpu)?,
-            mask: Tensor::from_vec(mask, (b, t - from), &Device::Cpu)?,
-            from,
-            steer_pos,
-            desirable: Tensor::from_vec(
-                rows.iter()
-                    .map(|r| if r.desirable { 1f32 } else { 0.0 })
-                    .collect::<Vec<_>>(),
-                b,
-                &Device::Cpu,
-            )?,
-            target_dist: Tensor::from_vec(dist, (b, prep.steer_ids.len()), &Device::Cpu)?,
-        })
-    }
-}
-
-/// log p of each steering token at each row's steering position, under the
-/// softmax over the whole vocabulary (not renormalized): (b, K).
-fn steering_logprobs(logits: &Tensor, batch: &Batch, steer_ids: &[u32]) -> Result<Tensor> {
-    let rows = batch
-        .steer_pos
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| Ok(logits.narrow(0, i, 1)?.narrow(1, p, 1)?.squeeze(1)?))
-        .collect::<Result<Vec<_>>>()?;
-    let at = Tensor::cat(&rows, 0)?;
-    let logp = candle_nn::ops::log_softmax(&at, D::Minus1)?;
-    Ok(logp.index_select(&Tensor::new(steer_ids, &Device::Cpu)?, 1)?)
 }
 
 /// One optimizer step: warm-up, backward, global-norm clipping. Returns the loss.
@@ -595,88 +404,6 @@ fn snapshot(tr: &Trainable) -> Result<Trainable> {
         scale: tr.scale,
         dropout: 0.0,
     })
-}
-
-/// The adapter's tensors, named as adapter.safetensors wants them.
-fn export(tr: &Trainable, tied: bool) -> Result<HashMap<String, Tensor>> {
-    let mut t = HashMap::new();
-    t.insert(
-        "steering.embed".to_string(),
-        tr.steer_embed.as_tensor().to_dtype(DType::F32)?,
-    );
-    if !tied {
-        if let Some(h) = &tr.steer_head {
-            t.insert(
-                "steering.head".to_string(),
-                h.as_tensor().to_dtype(DType::F32)?,
-            );
-        }
-    }
-    for (l, row) in tr.lora.iter().enumerate() {
-        for kind in ProjKind::ALL {
-            if let Some(lv) = &row[kind.index()] {
-                t.insert(
-                    lora_tensor_name(l, kind, "a"),
-                    lv.a.as_tensor().to_dtype(DType::F32)?,
-                );
-                t.insert(
-                    lora_tensor_name(l, kind, "b"),
-                    lv.b.as_tensor().to_dtype(DType::F32)?,
-                );
-            }
-        }
-    }
-    Ok(t)
-}
-
-/// Writes the adapter into `dir/<name>/` atomically: everything goes to a
-/// temporary folder first, which then replaces the old one by renames, so
-/// a crash at any point leaves either the old adapter or the new one.
-pub fn write_adapter(
-    dir: &std::path::Path,
-    name: &str,
-    trained: &Trained,
-) -> Result<std::path::PathBuf> {
-    crate::steering::registry::check_name(name)?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    std::fs::write(
-        tmp.join(CONFIG_FILE),
-        serde_json::to_string_pretty(&trained.config)?,
-    )?;
-    candle_core::safetensors::save(&trained.tensors, tmp.join(WEIGHTS_FILE))?;
-    for f in [CONFIG_FILE, WEIGHTS_FILE] {
-        std::fs::File::open(tmp.join(f))?.sync_all()?;
-    }
-    let dest = dir.join(name);
-    keep_other_files(&dest, &tmp)?;
-    let old = dir.join(format!(".{name}.old-{}", std::process::id()));
-    if dest.exists() {
-        std::fs::rename(&dest, &old)?;
-    }
-    std::fs::rename(&tmp, &dest)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(dest)
-}
-
-/// Copies the files of an adapter folder that are not the adapter itself
-/// (its README, training data) into the replacement, so retraining in place
-/// keeps them.
-fn keep_other_files(dest: &std::path::Path, tmp: &std::path::Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dest) else {
-        return Ok(());
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let own = name == CONFIG_FILE || name == WEIGHTS_FILE;
-        if !own && entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), tmp.join(&name))?;
-        }
-    }
-    Ok(())
 }
 
 /// While training, glibc keeps freed memory for reuse. Every step allocates
