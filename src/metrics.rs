@@ -14,6 +14,7 @@ pub const RUNNING: &str = "steerling_running_sequences";
 pub const WAITING: &str = "steerling_waiting_sequences";
 pub const BATCH_SIZE: &str = "steerling_batch_size";
 pub const REJECTED: &str = "steerling_rejected_requests_total";
+pub const ENGINE_RESTARTS: &str = "steerling_engine_restarts_total";
 pub const STEERING_DRAWS: &str = "steerling_steering_draws_total";
 pub const STEERING_DETECTED: &str = "steerling_steering_detected_total";
 pub const STEERING_MAE: &str = "steerling_steering_mae";

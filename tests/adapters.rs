@@ -429,3 +429,69 @@ async fn the_report_counts_served_rounds_and_resets() {
         .unwrap();
     assert!(report["adapters"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_names_and_links_cannot_escape_the_adapters_folder() {
+    let fx = fixture(|_| {}).await;
+    let outside = tempfile::tempdir().unwrap();
+    let good = fx.dir.path().join("good");
+    // A whole folder linked from elsewhere, and a real folder whose files are links.
+    let elsewhere = outside.path().join("good-copy");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for f in ["adapter.json", "adapter.safetensors"] {
+        std::fs::copy(good.join(f), elsewhere.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink(&elsewhere, fx.dir.path().join("linked-folder")).unwrap();
+    let linked_files = fx.dir.path().join("linked-files");
+    std::fs::create_dir(&linked_files).unwrap();
+    for f in ["adapter.json", "adapter.safetensors"] {
+        std::os::unix::fs::symlink(elsewhere.join(f), linked_files.join(f)).unwrap();
+    }
+    let (status, v) = fx.load("linked-folder").await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("outside"),
+        "{v}"
+    );
+    let (status, v) = fx.load("linked-files").await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("links are refused"),
+        "{v}"
+    );
+    for name in [
+        "..",
+        "%2e%2e",
+        "..%2Fgood",
+        "%2E%2E%2Fgood",
+        "%2Fetc",
+        ".hidden",
+        "good%00",
+        "good%2F..%2Fgood",
+        &"a".repeat(65),
+    ] {
+        let (status, v) = fx.load(name).await;
+        assert!(matches!(status, 400 | 404), "{name}: {status} {v}");
+        let r = reqwest::Client::new()
+            .delete(fx.server.url(&format!("/adapters/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(r.status().as_u16(), 400 | 404), "{name}");
+    }
+    assert_eq!(
+        fx.server.model_ids().await,
+        ["tiny", "good"],
+        "only the real adapter is served"
+    );
+    // The same at start: the links are skipped, the real adapter loads.
+    let restarted = TestServer::start(Options {
+        adapters: Some(fx.dir.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(restarted.model_ids().await, ["tiny", "good"]);
+}

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use steerling::engine::{EngineConfig, FinishReason, GenerateRequest, SamplingParams, SubmitError};
+use steerling::engine::{
+    Crash, EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams, SubmitError,
+};
 
 const PROMPTS: [&str; 8] = [
     "Hello",
@@ -246,5 +248,66 @@ fn prompt_logprobs_cover_every_prompt_token_but_the_first() {
     for entry in &lp[1..] {
         let e = entry.as_ref().unwrap();
         assert!(e.logprob <= 0.0 && e.top.len() == 2 && e.top[0].1 >= e.logprob - 1e-6);
+    }
+}
+
+/// Reads a request's events to the end: its output, or why it failed.
+fn outcome(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<Vec<u32>, String> {
+    let mut tokens = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token { id, .. } => tokens.push(id),
+            Event::Done { .. } => return Ok(tokens),
+            Event::Error(e) => return Err(e),
+            _ => {}
+        }
+    }
+    Err("closed without an end".into())
+}
+
+/// Waits for a request's first generated token, so it is surely running.
+fn first_token(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> u32 {
+    loop {
+        match events.blocking_recv() {
+            Some(Event::Token { id, .. }) => return id,
+            Some(Event::PromptLogprobs(_) | Event::Steering { .. }) => {}
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_engine_crash_fails_running_requests_cleanly_and_the_engine_goes_on() {
+    for crash in [Crash::InStep, Crash::OnAdmit] {
+        let engine = engine_for(
+            &tiny_gguf(),
+            EngineConfig {
+                max_batch: 2,
+                max_context: 2048,
+                prefill_chunk: 64,
+            },
+        );
+        let reference = run(&engine, greedy(&engine, PROMPTS[3], 40));
+        // One request mid-generation, the faulty one beside it, and a third
+        // waiting for a slot when the fault strikes.
+        let mut running = engine.submit(greedy(&engine, PROMPTS[1], 1900)).unwrap();
+        first_token(&mut running);
+        let mut faulty = greedy(&engine, PROMPTS[2], 8);
+        faulty.crash = Some(crash);
+        let faulty = engine.submit(faulty).unwrap();
+        let queued = engine.submit(greedy(&engine, PROMPTS[3], 40)).unwrap();
+        let failed = outcome(running).expect_err("the running request fails");
+        assert!(
+            failed.contains("internal error"),
+            "{crash:?}: a clear reason, got {failed:?}"
+        );
+        assert!(outcome(faulty).is_err(), "{crash:?}");
+        assert_eq!(
+            outcome(queued).unwrap(),
+            reference.tokens,
+            "{crash:?}: the waiting request is served as if nothing happened"
+        );
+        let after = run(&engine, greedy(&engine, PROMPTS[3], 40));
+        assert_eq!(after.tokens, reference.tokens, "{crash:?}");
     }
 }

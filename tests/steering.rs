@@ -300,14 +300,8 @@ async fn adapters_are_models_and_leave_the_base_untouched() {
         json!({"prompt": "The teacher", "max_tokens": 10, "temperature": 0}),
     )
     .await;
+    assert_eq!(s.model_ids().await, ["tiny", "ab"]);
     let models: Value = s.get_json("/v1/models").await;
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, vec!["tiny", "ab"]);
     assert_eq!(models["data"][1]["parent"], "tiny");
     let steered = complete(
         &s,

@@ -4,41 +4,8 @@
 
 mod common;
 
-use common::server::{sse_data, Options, TestServer};
+use common::server::{sse_data, tiny_job as job, wait_for_job as wait_final, Options, TestServer};
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
-
-fn job(name: &str, sft: usize, kl: usize) -> Value {
-    json!({
-        "name": name,
-        "data": {
-            "attribute": "letter",
-            "values": [{"name": "v0", "patterns": ["alpha0"]}, {"name": "v1", "patterns": ["alpha1"]}],
-            "targets": {"default": {"v0": 0.8, "v1": 0.2}},
-            "prompts": [{"text": "Tell me about the nurse"}, {"text": "Hello there"}, {"text": "A story about the farmer"}],
-            "held_out": [{"text": "The engineer said"}],
-            "responses": {"v0": ["alpha0 said hello", "the nurse alpha0"], "v1": ["alpha1 said hello", "the farmer alpha1"]}
-        },
-        "settings": {"sft_steps": sft, "kl_steps": kl, "batch": 4, "rank": 2, "learning_rate": 0.01, "dropout": 0.0}
-    })
-}
-
-async fn wait_final(s: &TestServer, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v: Value = reqwest::get(s.url(&format!("/adapters/train/{id}")))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if ["succeeded", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job did not finish: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A server on the tiny model whose adapters folder is `dir`.
 async fn server_writing_to(dir: &std::path::Path) -> TestServer {

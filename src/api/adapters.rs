@@ -1,12 +1,12 @@
 //! Steering adapters: list (GET /adapters), load or reload (POST
 //! /adapters/{name}/load) and unload (DELETE /adapters/{name}).
 
-use super::error::ApiError;
+use super::error::{ApiError, PathSegment};
 use super::protocol::ErrorResponse;
 use super::AppState;
 use crate::steering::adapter::{Distribution, LoraConfig};
 use crate::steering::Adapter;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -60,14 +60,14 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<AdapterList
 }
 
 #[utoipa::path(post, path = "/adapters/{name}/load", tag = "Steering",
-    params(("name" = String, Path, description = "Adapter folder name under the adapters directory")),
+    params(("name" = String, Path, description = "Adapter folder name under the adapters directory", pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")),
     responses((status = 200, description = "Loaded (or reloaded as a new version)", body = AdapterInfo),
               (status = 400, description = "Damaged or mismatched; nothing changed", body = ErrorResponse),
               (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse),
               (status = 404, description = "No such adapter folder", body = ErrorResponse)))]
 pub async fn load(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    PathSegment(name): PathSegment,
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let registry = state.registry()?;
     crate::steering::registry::check_name(&name)
@@ -95,7 +95,7 @@ pub async fn load(
               (status = 404, body = ErrorResponse)))]
 pub async fn unload(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    PathSegment(name): PathSegment,
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let removed = state
         .registry()?

@@ -6,7 +6,7 @@ use super::generate;
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessage, ChatResponseMessage,
-    ChatTokenLogprob, ErrorResponse, MessageContent, SteeringInfo, TopLogprob, Usage,
+    ChatTokenLogprob, ErrorResponse, MessageContent, SteeringInfo, StreamEvent, TopLogprob, Usage,
 };
 use super::streaming::{self, ChunkFormat};
 use super::{new_id, unix_now, AppState};
@@ -98,7 +98,8 @@ pub fn render_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<String, 
     tag = "OpenAI",
     request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "The chat completion, or an SSE stream of `chat.completion.chunk` deltas ending with `data: [DONE]` when `stream` is true", body = ChatCompletionResponse),
+        (status = 200, description = "The chat completion, or an SSE stream of `chat.completion.chunk` deltas ending with `data: [DONE]` when `stream` is true",
+            content((ChatCompletionResponse = "application/json"), (StreamEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
@@ -139,6 +140,7 @@ pub async fn create(
         said,
     )?;
     let text = render_chat(tok, &req.messages)?;
+    super::validation::text_can_fit("messages", &text, limits)?;
     // The template writes any BOS itself.
     let prompt = tok
         .encode(&text, false)

@@ -4,7 +4,7 @@ use super::error::{ApiError, Json};
 use super::generate::{self, Finished};
 use super::protocol::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
-    Prompt, SteeringInfo, Usage,
+    Prompt, SteeringInfo, StreamEvent, Usage,
 };
 use super::steering;
 use super::streaming::{self, ChunkFormat};
@@ -172,7 +172,8 @@ fn plan(req: &CompletionRequest, state: &AppState, engine: &Engine) -> Result<Pl
     tag = "OpenAI",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "The completion, or an SSE stream of `text_completion` chunks ending with `data: [DONE]` when `stream` is true", body = CompletionResponse),
+        (status = 200, description = "The completion, or an SSE stream of `text_completion` chunks ending with `data: [DONE]` when `stream` is true",
+            content((CompletionResponse = "application/json"), (StreamEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),

@@ -2,11 +2,11 @@
 //! `Accept: text/html`), GET /distribution (the page), POST
 //! /distribution/reset.
 
-use super::error::ApiError;
+use super::error::{ApiError, Query};
 use super::protocol::ErrorResponse;
 use super::AppState;
 use crate::monitor::report::{Report, WindowKind};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -51,7 +51,8 @@ pub async fn report(
 }
 
 #[utoipa::path(get, path = "/distribution", tag = "Steering", params(ReportQuery),
-    responses((status = 200, description = "The report as an HTML page with inline SVG charts", content_type = "text/html")))]
+    responses((status = 200, description = "The report as an HTML page with inline SVG charts", content_type = "text/html"),
+              (status = 400, body = ErrorResponse)))]
 pub async fn page(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ReportQuery>,
@@ -72,17 +73,20 @@ pub struct ResetResponse {
 
 #[utoipa::path(post, path = "/distribution/reset", tag = "Steering", request_body(content = Option<ResetRequest>),
     responses((status = 200, description = "Windows and balanced counts cleared", body = ResetResponse),
-              (status = 401, body = ErrorResponse), (status = 403, body = ErrorResponse)))]
+              (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+              (status = 403, body = ErrorResponse)))]
 pub async fn reset(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
 ) -> Result<Json<ResetResponse>, ApiError> {
-    let req: ResetRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ResetRequest::default()
+    // No body, or `null`, resets everything.
+    let req: Option<ResetRequest> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("Invalid reset request: {e}")))?
     };
+    let req = req.unwrap_or_default();
     state.monitor.reset(req.adapter.as_deref());
     state.balanced.reset(req.adapter.as_deref());
     Ok(Json(ResetResponse {

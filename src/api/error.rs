@@ -2,7 +2,8 @@
 //! where errors become HTTP.
 
 use super::protocol::{ErrorBody, ErrorResponse, SamplingFields};
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -230,5 +231,44 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             ApiError::bad_request(format!("Invalid request: {text}"))
         })?;
         Ok(Json(value))
+    }
+}
+
+/// Query parameters whose errors are ours (400 in the envelope, naming the
+/// parameter when serde can).
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(Query)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let text = e.into_inner().to_string();
+                if path != "." && !path.is_empty() {
+                    ApiError::invalid(&path, format!("Invalid query parameter `{path}`: {text}"))
+                } else {
+                    ApiError::bad_request(format!("Invalid query: {text}"))
+                }
+            })
+    }
+}
+
+/// One path segment as text; a segment that is not UTF-8 is a 400 in the
+/// envelope, not axum's plain-text rejection.
+pub struct PathSegment(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathSegment {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(s)| PathSegment(s))
+            .map_err(|e| ApiError::bad_request(format!("Invalid path: {}", e.body_text())))
     }
 }

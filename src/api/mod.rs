@@ -124,6 +124,9 @@ impl AppState {
             name: self.model_id.clone(),
             sha256: engine.model_sha256().to_string(),
         };
+        for done in crate::training::recover_interrupted_writes(&adapters_dir) {
+            tracing::warn!(dir = %adapters_dir.display(), "{done}");
+        }
         let registry = Registry::new(adapters_dir, base, engine.model_config().clone());
         for (name, result) in registry.load_all() {
             match result {
@@ -259,11 +262,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// A panic in a handler becomes a 500 in the envelope; the detail stays in the log.
 fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let detail = err
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| err.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown");
+    let detail = crate::panic_message(&*err);
     tracing::error!(panic = detail, "handler panicked");
     ApiError::internal("Internal error").into_response()
 }
@@ -298,8 +297,9 @@ fn bearer(req: &Request) -> &str {
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim())
 }
 
 /// Compares without an early exit, so timing does not reveal the key.

@@ -1,9 +1,9 @@
 //! GET /v1/models and /v1/models/{id}: the base model and every adapter.
 
-use super::error::ApiError;
+use super::error::{ApiError, PathSegment};
 use super::protocol::{ErrorResponse, Model, ModelList};
 use super::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     responses((status = 200, body = Model), (status = 404, body = ErrorResponse)))]
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathSegment(id): PathSegment,
 ) -> Result<Json<Model>, ApiError> {
     served(&state)
         .into_iter()

@@ -42,17 +42,22 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 pub struct SamplingFields {
     /// 0–2; 0 is greedy. Default 1.
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     /// (0, 1]. Default 1.
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     /// Choices per prompt. Default 1.
+    #[schema(minimum = 1)]
     pub n: Option<usize>,
     pub stop: Option<Stop>,
     /// Same seed, same output.
     pub seed: Option<u64>,
     /// −2..2.
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
     /// −2..2.
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
     /// Token id (as a string) → bias in −100..100.
     pub logit_bias: Option<HashMap<String, f32>>,
@@ -63,8 +68,10 @@ pub struct SamplingFields {
     /// Extension: keep only the k most likely tokens (0 = off).
     pub top_k: Option<usize>,
     /// Extension: keep tokens with p ≥ min_p · p_max.
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
     /// Extension: > 0; 1 = off.
+    #[schema(exclusive_minimum = 0, maximum = 10)]
     pub repetition_penalty: Option<f32>,
     /// Extension: keep generating past end-of-sequence, to `max_tokens`
     /// (for benchmarks, as in vLLM and llama.cpp).
@@ -108,12 +115,14 @@ pub struct CompletionRequest {
     /// Default 16.
     pub max_tokens: Option<usize>,
     /// 0–5: return this many alternatives per token with log-probabilities.
+    #[schema(maximum = 5)]
     pub logprobs: Option<usize>,
     /// Return the prompt before the completion.
     #[serde(default)]
     pub echo: bool,
     /// Generate this many candidates per prompt and return the `n` with the
     /// highest mean log-probability (not with `stream`).
+    #[schema(minimum = 1)]
     pub best_of: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -186,6 +195,7 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     /// Default: until end of turn or the context limit.
     pub max_tokens: Option<usize>,
@@ -194,6 +204,7 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     /// 0–20 alternatives per token (needs `logprobs: true`).
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -314,4 +325,12 @@ pub struct ErrorBody {
 pub struct Health {
     /// `ok`, or `loading` while the model loads.
     pub status: String,
+}
+
+/// One Server-Sent Event of a streamed response, as the OpenAPI document
+/// describes the `text/event-stream` body event by event.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamEvent {
+    /// A JSON chunk, an error envelope if generation fails midway, or `[DONE]`.
+    pub data: String,
 }

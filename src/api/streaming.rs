@@ -31,17 +31,28 @@ pub fn error_event(err: &ApiError) -> SseEvent {
 /// Streams all choices. Dropping the response (client gone) drops the
 /// engine receivers, which frees their slots at the next step.
 pub fn respond<F: ChunkFormat>(choices: Vec<Choice>, format: F, permit: Permit) -> Response {
+    let unfinished = choices.len();
     let merged = generate::merged(choices).boxed();
-    let chunks = stream::unfold(Some((merged, format, permit)), |state| async move {
-        let (mut merged, mut format, permit) = state?;
+    let start = Some((merged, format, permit, unfinished));
+    let chunks = stream::unfold(start, |state| async move {
+        let (mut merged, mut format, permit, mut unfinished) = state?;
         match merged.next().await {
-            Some((index, event)) => match format.on_event(index, event) {
-                Ok(events) => Some((events, Some((merged, format, permit)))),
-                Err(err) => {
-                    tracing::error!(error = %err.message, "generation failed mid-stream");
-                    Some((vec![error_event(&err)], None))
+            Some((index, event)) => {
+                unfinished -= usize::from(matches!(event, Event::Done { .. }));
+                match format.on_event(index, event) {
+                    Ok(events) => Some((events, Some((merged, format, permit, unfinished)))),
+                    Err(err) => {
+                        tracing::error!(error = %err.message, "generation failed mid-stream");
+                        Some((vec![error_event(&err)], None))
+                    }
                 }
-            },
+            }
+            // A choice's channel closed without its end: the engine dropped it.
+            None if unfinished > 0 => {
+                let err = ApiError::internal("the engine stopped before the choice finished");
+                tracing::error!(error = %err.message, "generation failed mid-stream");
+                Some((vec![error_event(&err)], None))
+            }
             None => {
                 let mut events = format.on_end();
                 events.push(SseEvent::default().data("[DONE]"));

@@ -2,11 +2,11 @@
 //! GET /adapters/train/{id}, GET /adapters/train/{id}/events (SSE), DELETE
 //! /adapters/train/{id} (cancel).
 
-use super::error::{ApiError, Json};
+use super::error::{ApiError, Json, PathSegment};
 use super::protocol::ErrorResponse;
 use super::AppState;
 use crate::training::jobs::{JobError, JobRequest, JobStatus, Jobs};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -94,7 +94,7 @@ pub async fn submit(
     responses((status = 200, body = JobStatus), (status = 404, body = ErrorResponse)))]
 pub async fn status(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathSegment(id): PathSegment,
 ) -> Result<axum::Json<JobStatus>, ApiError> {
     jobs(&state)?
         .status(&id)
@@ -106,7 +106,7 @@ pub async fn status(
     responses((status = 200, description = "Cancelled (a running job stops at its next step)", body = JobStatus), (status = 404, body = ErrorResponse)))]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathSegment(id): PathSegment,
 ) -> Result<axum::Json<JobStatus>, ApiError> {
     jobs(&state)?
         .cancel(&id)
@@ -119,7 +119,7 @@ pub async fn cancel(
               (status = 404, body = ErrorResponse)))]
 pub async fn events(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathSegment(id): PathSegment,
 ) -> Result<Response, ApiError> {
     let rx = jobs(&state)?
         .watch(&id)

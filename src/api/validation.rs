@@ -159,10 +159,33 @@ pub fn choices(
             format!("`{param}` must be at least 1"),
         ));
     }
-    if n * prompts > limits.max_n {
+    if n.checked_mul(prompts)
+        .is_none_or(|total| total > limits.max_n)
+    {
         return Err(ApiError::invalid(param, format!("{n} choices × {prompts} prompts exceeds this server's limit of {} sequences per request", limits.max_n)));
     }
     Ok(n)
+}
+
+/// Text past this many bytes per allowed prompt token is refused untokenized.
+const MAX_BYTES_PER_TOKEN: usize = 64;
+
+/// No token spans more than a few dozen bytes: text far longer than the
+/// prompt limit cannot fit, and is refused before the tokenizer spends
+/// time on it.
+pub fn text_can_fit(param: &str, text: &str, limits: &Limits) -> Result<(), ApiError> {
+    let max_bytes = limits.max_prompt_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
+    if text.len() > max_bytes {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "`{param}` is {} bytes, far past this server's limit of {} tokens",
+                text.len(),
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Tokenizes `prompt` into one or more prompts of token ids.
@@ -173,6 +196,7 @@ pub fn prompts(
     limits: &Limits,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let encode = |s: &str| {
+        text_can_fit("prompt", s, limits)?;
         tok.encode(s, true)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))
     };
@@ -234,11 +258,11 @@ pub fn fit_context(
         ));
     }
     match max_tokens {
-        Some(m) if prompt_tokens + m > context => Err(ApiError::invalid(
+        Some(m) if prompt_tokens.saturating_add(m) > context => Err(ApiError::invalid(
             param,
             format!(
                 "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_tokens} in the prompt, {m} for the completion)",
-                prompt_tokens + m
+                prompt_tokens.saturating_add(m)
             ),
         )),
         Some(m) => Ok(m),

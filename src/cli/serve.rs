@@ -119,8 +119,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_id: default_model_id(&args),
         limits,
         capacity: args.max_batch + args.max_queued,
-        api_key: args.api_key.clone(),
-        admin_key: args.admin_key.clone(),
+        // An empty key would let an empty `Authorization` through: treat it as none.
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        admin_key: args.admin_key.clone().filter(|k| !k.is_empty()),
         admin_open: is_loopback(&args.host),
         default_policy: args.default_policy,
         monitor: MonitorConfig {

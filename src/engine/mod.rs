@@ -62,6 +62,20 @@ pub struct GenerateRequest {
     /// Report log-probabilities of the prompt's tokens with this many alternatives.
     pub prompt_logprobs: Option<usize>,
     pub steering: Option<Steering>,
+    /// Fault injection for the engine's own tests: make the engine panic
+    /// while it serves this request. Nothing in the HTTP API sets it.
+    #[doc(hidden)]
+    pub crash: Option<Crash>,
+}
+
+/// Where an injected engine fault strikes.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// Inside a forward step (the step's own guard catches it).
+    InStep,
+    /// In the scheduler loop, outside any step (the supervisor restarts the loop).
+    OnAdmit,
 }
 
 impl GenerateRequest {
@@ -74,6 +88,7 @@ impl GenerateRequest {
             ignore_eos: false,
             prompt_logprobs: None,
             steering: None,
+            crash: None,
         }
     }
 }
@@ -195,7 +210,7 @@ impl Engine {
         );
         std::thread::Builder::new()
             .name("steerling-engine".into())
-            .spawn(move || run_on_compute_pool(move || scheduler.run(rx)))
+            .spawn(move || run_on_compute_pool(move || scheduler.supervise(rx)))
             .expect("cannot spawn the engine thread");
         Self {
             tx,

@@ -4,7 +4,7 @@
 
 use super::sampling::{logprob_of, Sampler, TokenLogprob};
 use super::stop::StopMatcher;
-use super::{EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, Submission};
+use super::{Crash, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, Submission};
 use crate::metrics as m;
 use crate::model::{KvCache, Logits, Model, Segment};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -134,9 +134,31 @@ impl Scheduler {
         }
     }
 
-    pub fn run(mut self, rx: mpsc::Receiver<Submission>) {
+    /// Runs the loop until every engine handle is gone. A panic outside a
+    /// step (inside one, `run` handles it) ends the loop; the supervisor then
+    /// fails the sequences that were running, keeps the queue, and starts the
+    /// loop again on the same weights (they are never written while serving).
+    pub fn supervise(mut self, rx: mpsc::Receiver<Submission>) {
+        loop {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&rx)));
+            if ran.is_ok() {
+                return;
+            }
+            tracing::error!(
+                failed = self.running.len(),
+                queued = self.waiting.len(),
+                "the engine loop panicked; failing its running requests and restarting"
+            );
+            metrics::counter!(m::ENGINE_RESTARTS).increment(1);
+            self.fail_running("the engine restarted after an internal error");
+            self.publish_counts();
+        }
+    }
+
+    fn run(&mut self, rx: &mpsc::Receiver<Submission>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish_counts();
                 match rx.recv() {
                     Ok(s) => self.waiting.push_back(s),
                     Err(_) => return,
@@ -154,15 +176,17 @@ impl Scheduler {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
                 if stepped.is_err() {
                     tracing::error!("engine step panicked; failing its sequences and going on");
-                    for seq in self.running.iter_mut() {
-                        let _ = seq
-                            .events
-                            .send(Event::Error("internal error during generation".into()));
-                        seq.finished = true;
-                    }
+                    self.fail_running("internal error during generation");
                 }
                 self.running.retain(|s| !s.finished);
             }
+        }
+    }
+
+    /// Ends every running sequence with an error event (its caches go with it).
+    fn fail_running(&mut self, message: &str) {
+        for seq in self.running.drain(..) {
+            let _ = seq.events.send(Event::Error(message.into()));
         }
     }
 
@@ -187,6 +211,9 @@ impl Scheduler {
             };
             if events.is_closed() {
                 continue;
+            }
+            if request.crash == Some(Crash::OnAdmit) {
+                panic!("injected engine fault on admission");
             }
             let prompt_len = request.prompt.len();
             metrics::histogram!(m::QUEUE_TIME).record(submitted.elapsed().as_secs_f64());
@@ -249,6 +276,12 @@ impl Scheduler {
 
     fn step(&mut self) {
         let plan = self.plan();
+        if plan
+            .iter()
+            .any(|p| self.running[p.index].request.crash == Some(Crash::InStep))
+        {
+            panic!("injected engine fault in a step");
+        }
         metrics::histogram!(m::BATCH_SIZE).record(plan.len() as f64);
         let outputs = match self.forward(&plan) {
             Ok(o) => o,

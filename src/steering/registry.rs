@@ -114,6 +114,14 @@ impl Registry {
             "adapter folder resolves outside {}",
             root.display()
         );
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            let meta = std::fs::symlink_metadata(folder.join(file))
+                .with_context(|| format!("cannot read {file}"))?;
+            ensure!(
+                meta.is_file(),
+                "{file} is not a regular file (links are refused)"
+            );
+        }
         let text = std::fs::read_to_string(folder.join(CONFIG_FILE))
             .with_context(|| format!("cannot read {CONFIG_FILE}"))?;
         let config: AdapterConfig =

@@ -23,6 +23,12 @@ pub struct JobRequest {
     pub data: TrainingData,
     #[serde(default)]
     pub settings: TrainConfig,
+    /// Fault injection for tests: the job panics once its model is loaded.
+    /// Never read from a request body.
+    #[doc(hidden)]
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub crash: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -209,7 +215,14 @@ impl Jobs {
             }));
             let outcome = match result {
                 Ok(r) => r,
-                Err(_) => Err(anyhow::anyhow!("the training job panicked")),
+                Err(panic) => {
+                    tracing::error!(adapter = %job.request.name, panic = crate::panic_message(&*panic), "training job panicked");
+                    // Its copy of the weights may be half-updated: load afresh next time.
+                    model = None;
+                    Err(anyhow::anyhow!(
+                        "the training job failed with an internal error"
+                    ))
+                }
             };
             job.update(|s| {
                 s.stage = "done".into();
@@ -236,6 +249,9 @@ fn run(job: &Job, ctx: &TrainingContext, model: &mut Option<(Model, Tokenizer)>)
         *model = Some((loaded.model, loaded.tokenizer));
     }
     let (m, tok) = model.as_ref().expect("loaded above");
+    if job.request.crash {
+        panic!("injected training fault");
+    }
     let request = job.request.clone();
     let trained = train(
         m,

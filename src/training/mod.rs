@@ -9,4 +9,5 @@ pub mod losses;
 mod measure;
 pub mod model;
 mod output;
+pub use output::recover_interrupted_writes;
 pub mod trainer;

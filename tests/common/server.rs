@@ -1,7 +1,9 @@
 //! An in-process steerling server on a loopback port, for HTTP tests.
 #![allow(dead_code)]
 
+use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use steerling::api::{self, validation::Limits, AppState, Settings};
 use steerling::engine::{Engine, EngineConfig};
 
@@ -131,6 +133,26 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The ids /v1/models lists, in its order.
+    pub async fn model_ids(&self) -> Vec<String> {
+        let models = self.get_json("/v1/models").await;
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(self.url(path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Starts graceful shutdown.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -151,4 +173,38 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .filter_map(|l| l.strip_prefix("data: "))
         .map(str::to_string)
         .collect()
+}
+
+/// A training job on the tiny model: two values told apart by a marker word.
+pub fn tiny_job(name: &str, sft: usize, kl: usize) -> Value {
+    json!({
+        "name": name,
+        "data": {
+            "attribute": "letter",
+            "values": [{"name": "v0", "patterns": ["alpha0"]}, {"name": "v1", "patterns": ["alpha1"]}],
+            "targets": {"default": {"v0": 0.8, "v1": 0.2}},
+            "prompts": [{"text": "Tell me about the nurse"}, {"text": "Hello there"}, {"text": "A story about the farmer"}],
+            "held_out": [{"text": "The engineer said"}],
+            "responses": {"v0": ["alpha0 said hello", "the nurse alpha0"], "v1": ["alpha1 said hello", "the farmer alpha1"]}
+        },
+        "settings": {"sft_steps": sft, "kl_steps": kl, "batch": 4, "rank": 2, "learning_rate": 0.01, "dropout": 0.0}
+    })
+}
+
+/// Polls a training job until it ends; its last status.
+pub async fn wait_for_job(s: &TestServer, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = reqwest::get(s.url(&format!("/adapters/train/{id}")))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job did not finish: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
