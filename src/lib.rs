@@ -6,6 +6,7 @@ pub mod cli;
 pub mod engine;
 pub mod faults;
 pub mod fetch;
+pub mod fleet;
 pub mod metrics;
 pub mod model;
 pub mod monitor;

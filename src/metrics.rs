@@ -15,6 +15,8 @@ pub const WAITING: &str = "steerling_waiting_sequences";
 pub const BATCH_SIZE: &str = "steerling_batch_size";
 pub const REJECTED: &str = "steerling_rejected_requests_total";
 pub const ENGINE_RESTARTS: &str = "steerling_engine_restarts_total";
+pub const FLEET_DEGRADED: &str = "steerling_fleet_degraded";
+pub const FLEET_BUFFERED: &str = "steerling_fleet_buffered_rounds";
 pub const STEERING_DRAWS: &str = "steerling_steering_draws_total";
 pub const STEERING_DETECTED: &str = "steerling_steering_detected_total";
 pub const STEERING_MAE: &str = "steerling_steering_mae";
@@ -78,6 +80,18 @@ fn describe() {
     describe_gauge!(RUNNING, "Sequences in the running batch");
     describe_gauge!(WAITING, "Sequences waiting for a batch slot");
     describe_histogram!(BATCH_SIZE, "Sequences per engine step");
+    describe_counter!(
+        ENGINE_RESTARTS,
+        "Times the engine loop was restarted after an internal error"
+    );
+    describe_gauge!(
+        FLEET_DEGRADED,
+        "1 while Redis is unreachable in fleet mode (this replica serves alone)"
+    );
+    describe_gauge!(
+        FLEET_BUFFERED,
+        "Rounds waiting to be merged into the fleet's windows"
+    );
     describe_counter!(
         REJECTED,
         "Requests refused with 429 because the server was at capacity"

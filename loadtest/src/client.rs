@@ -77,6 +77,11 @@ impl Target {
         let response = self.client.post(url).json(&body).send().await?;
         let status = response.status();
         out.status = Some(status.as_u16());
+        out.retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
             bail!("{status}: {}", text.chars().take(300).collect::<String>());
@@ -113,6 +118,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 pub struct Outcome {
     pub status: Option<u16>,
     pub error: Option<String>,
+    /// Seconds the server asked to wait before retrying (its Retry-After).
+    pub retry_after: Option<f64>,
     /// Arrival time of every chunk that carried text.
     pub token_times: Vec<f64>,
     pub e2e: f64,

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// One connection per request.
     #[arg(long)]
     pub no_keep_alive: bool,
+    /// After a refusal with Retry-After, a client waits that long before its
+    /// next request, as OpenAI's clients do (default: it sends at once).
+    #[arg(long)]
+    pub honor_retry_after: bool,
     /// The server's process id, to report its peak RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -209,8 +213,13 @@ pub async fn measure(args: &RunArgs) -> Result<Report> {
         }
         let permit = permits.clone().acquire_owned().await?;
         let (target, body) = (target.clone(), requests.body(args.seed + i as u64));
+        let honor_retry_after = args.honor_retry_after;
         tasks.push(tokio::spawn(async move {
             let o = target.stream_completion(body).await;
+            if let Some(wait) = o.retry_after.filter(|_| honor_retry_after) {
+                // The client's slot stays taken while it waits.
+                tokio::time::sleep(Duration::from_secs_f64(wait.clamp(0.0, 60.0))).await;
+            }
             drop(permit);
             o
         }));

@@ -187,9 +187,9 @@ pub async fn create(
     let steered = usize::from(steer.is_some());
     let max_tokens =
         super::validation::fit_context(prompt.len() + steered, requested, param, limits)?;
-    let requests = (0..n)
+    let mut requests = (0..n)
         .map(|j| {
-            let mut r = super::validation::engine_request(
+            let r = super::validation::engine_request(
                 prompt.clone(),
                 max_tokens,
                 &params,
@@ -197,13 +197,13 @@ pub async fn create(
                 req.sampling.ignore_eos,
                 j,
             );
-            if let Some(s) = &steer {
-                s.attach(&mut r, &state.balanced, req.sampling.seed, j);
-            }
             (j, 0, r)
         })
         .collect::<Vec<_>>();
     let permit = state.capacity.try_acquire(n)?;
+    if let Some(s) = &steer {
+        s.attach_all(&state, &mut requests, req.sampling.seed).await;
+    }
     let choices = generate::submit_all(engine, requests)?;
     let id = new_id("chatcmpl");
     if req.sampling.stream {

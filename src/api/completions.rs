@@ -141,9 +141,6 @@ fn plan(req: &CompletionRequest, state: &AppState, engine: &Engine) -> Result<Pl
             if req.echo {
                 r.prompt_logprobs = req.logprobs;
             }
-            if let Some(s) = &steer {
-                s.attach(&mut r, &state.balanced, req.sampling.seed, pi * best_of + j);
-            }
             requests.push((pi * best_of + j, pi, r));
         }
     }
@@ -188,9 +185,14 @@ pub async fn create(
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let engine = state.engine()?;
-    let plan = plan(&req, &state, engine)?;
+    let mut plan = plan(&req, &state, engine)?;
     let model = plan.model.clone();
     let permit = state.capacity.try_acquire(plan.requests.len())?;
+    if let Some(steer) = &plan.steering {
+        steer
+            .attach_all(&state, &mut plan.requests, req.sampling.seed)
+            .await;
+    }
     let choices = generate::submit_all(engine, plan.requests)?;
     let id = new_id("cmpl");
     if req.sampling.stream {

@@ -24,10 +24,10 @@ pub struct ReportQuery {
     pub window: Option<WindowKind>,
 }
 
-fn build(state: &AppState, q: &ReportQuery) -> Report {
+async fn build(state: &AppState, q: &ReportQuery) -> Report {
     state
-        .monitor
         .report(q.adapter.as_deref(), q.context.as_deref(), q.window)
+        .await
 }
 
 #[utoipa::path(get, path = "/distribution/report", tag = "Steering", params(ReportQuery),
@@ -42,7 +42,7 @@ pub async fn report(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
-    let report = build(&state, &q);
+    let report = build(&state, &q).await;
     if wants_html {
         Html(crate::monitor::html::render(&report)).into_response()
     } else {
@@ -57,7 +57,7 @@ pub async fn page(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ReportQuery>,
 ) -> Html<String> {
-    Html(crate::monitor::html::render(&build(&state, &q)))
+    Html(crate::monitor::html::render(&build(&state, &q).await))
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
@@ -74,7 +74,8 @@ pub struct ResetResponse {
 #[utoipa::path(post, path = "/distribution/reset", tag = "Steering", request_body(content = Option<ResetRequest>),
     responses((status = 200, description = "Windows and balanced counts cleared", body = ResetResponse),
               (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
-              (status = 403, body = ErrorResponse)))]
+              (status = 403, body = ErrorResponse),
+              (status = 503, description = "Fleet mode and Redis unreachable: nothing was reset", body = ErrorResponse)))]
 pub async fn reset(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
@@ -87,8 +88,7 @@ pub async fn reset(
             .map_err(|e| ApiError::bad_request(format!("Invalid reset request: {e}")))?
     };
     let req = req.unwrap_or_default();
-    state.monitor.reset(req.adapter.as_deref());
-    state.balanced.reset(req.adapter.as_deref());
+    state.reset_distribution(req.adapter.as_deref()).await?;
     Ok(Json(ResetResponse {
         reset: req.adapter.unwrap_or_else(|| "all".into()),
     }))

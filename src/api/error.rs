@@ -118,6 +118,19 @@ impl ApiError {
         }
     }
 
+    /// A dependency (Redis in fleet mode) cannot be reached; nothing changed.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("unavailable"),
+                message,
+            )
+        }
+    }
+
     pub fn not_ready() -> Self {
         Self {
             retry_after: Some(5),

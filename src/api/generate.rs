@@ -42,6 +42,11 @@ impl Capacity {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// No room for even one more sequence.
+    pub fn is_full(&self) -> bool {
+        self.in_flight() >= self.limit
+    }
+
     pub fn try_acquire(self: &Arc<Self>, n: usize) -> Result<Permit, ApiError> {
         let mut current = self.in_flight.load(Ordering::Acquire);
         loop {

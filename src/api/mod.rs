@@ -18,6 +18,7 @@ mod training;
 pub mod validation;
 
 use crate::engine::Engine;
+use crate::fleet::Fleet;
 use crate::monitor::{Monitor, MonitorConfig};
 use crate::steering::{BalancedCounts, BaseIdentity, Policy, Registry};
 use axum::extract::{MatchedPath, Request, State};
@@ -51,6 +52,8 @@ pub struct Settings {
     /// Policy for steered requests that name none.
     pub default_policy: Policy,
     pub monitor: MonitorConfig,
+    /// Shared state for a fleet of replicas (`--state redis://…`); None: in memory.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Default for Settings {
@@ -64,6 +67,7 @@ impl Default for Settings {
             admin_open: true,
             default_policy: Policy::Prior,
             monitor: MonitorConfig::default(),
+            fleet: None,
         }
     }
 }
@@ -84,8 +88,9 @@ pub struct AppState {
     pub admin_open: bool,
     pub default_policy: Policy,
     pub monitor: Monitor,
-    /// Counts behind the balanced policy.
+    /// Counts behind the balanced policy (in memory mode).
     pub balanced: Arc<BalancedCounts>,
+    pub fleet: Option<Arc<Fleet>>,
     pub metrics: PrometheusHandle,
     /// Unix time the server started (the `created` of its models).
     pub started: u64,
@@ -106,6 +111,7 @@ impl AppState {
             default_policy: settings.default_policy,
             monitor: Monitor::new(settings.monitor),
             balanced: Arc::new(BalancedCounts::default()),
+            fleet: settings.fleet,
             metrics: crate::metrics::install(),
             started: unix_now(),
         })
@@ -167,6 +173,63 @@ impl AppState {
             .ok_or_else(ApiError::not_ready)
     }
 
+    /// The balanced policy's next value for (adapter, context): from the
+    /// fleet's shared counts in fleet mode, else from this server's.
+    pub async fn draw_balanced(
+        &self,
+        adapter: &str,
+        context: &str,
+        target: &[f64],
+        rng: &mut rand::rngs::StdRng,
+    ) -> usize {
+        match &self.fleet {
+            Some(fleet) => fleet.balanced_next(adapter, context, target, rng).await,
+            None => self.balanced.next(adapter, context, target, rng),
+        }
+    }
+
+    /// The distribution report: the fleet's rounds in fleet mode (this
+    /// replica's own, marked `degraded`, while Redis is unreachable).
+    pub async fn report(
+        &self,
+        adapter: Option<&str>,
+        context: Option<&str>,
+        window: Option<crate::monitor::report::WindowKind>,
+    ) -> crate::monitor::report::Report {
+        let Some(fleet) = &self.fleet else {
+            return self.monitor.report(adapter, context, window);
+        };
+        let shared = match self.registry.get() {
+            Some(registry) => fleet.snapshot(registry, adapter).await.ok(),
+            // Still loading: no adapter, nothing to report yet.
+            None => Some(Default::default()),
+        };
+        let mut report = match &shared {
+            Some(rounds) => self.monitor.report_from(rounds, context, window),
+            None => self.monitor.report(adapter, context, window),
+        };
+        report.state = if shared.is_some() {
+            "redis"
+        } else {
+            "degraded"
+        }
+        .into();
+        report.fleet = Some(fleet.status().await);
+        report
+    }
+
+    /// Clears the windows and balanced counts (of the fleet, in fleet mode).
+    pub async fn reset_distribution(&self, adapter: Option<&str>) -> Result<(), ApiError> {
+        if let Some(fleet) = &self.fleet {
+            fleet.reset(adapter).await.map_err(|e| {
+                ApiError::unavailable(format!("cannot reset the fleet's distribution: {e:#}"))
+            })?;
+        }
+        self.monitor.reset(adapter);
+        self.balanced.reset(adapter);
+        Ok(())
+    }
+
     /// The request's `model`: absent or the base id = the base model; an
     /// adapter's name = that adapter.
     pub fn resolve_model(&self, model: Option<&str>) -> Result<steering::Served, ApiError> {
@@ -195,9 +258,15 @@ pub fn new_id(prefix: &str) -> String {
 
 /// The whole router: inference behind the optional key, health and docs open.
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    let inference = Router::new()
+    let generation = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            shed_when_full,
+        ));
+    let inference = Router::new()
+        .merge(generation)
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::retrieve))
         .route("/adapters", get(adapters::list))
@@ -273,6 +342,16 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
         if !constant_time_eq(bearer(&req).as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// At capacity, a generation request is refused before its body is read
+/// or parsed: under overload, refusing must cost next to nothing, or the
+/// refusals themselves slow the requests being served.
+async fn shed_when_full(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.capacity.is_full() {
+        return ApiError::overloaded(1).into_response();
     }
     next.run(req).await
 }

@@ -46,7 +46,7 @@ use utoipa_swagger_ui::SwaggerUi;
         super::distribution::ResetRequest, super::distribution::ResetResponse,
         crate::monitor::report::Report, crate::monitor::report::AdapterReport, crate::monitor::report::WindowReport,
         crate::monitor::report::WindowKind, crate::monitor::report::Status, crate::monitor::report::Proportion,
-        crate::monitor::report::Divergence,
+        crate::monitor::report::Divergence, crate::fleet::FleetStatus, crate::fleet::ReplicaSeen,
         crate::training::jobs::JobRequest, crate::training::jobs::JobStatus, crate::training::jobs::JobState,
         crate::training::trainer::TrainConfig, crate::training::data::TrainingData, crate::training::data::ValueSpec,
         crate::training::data::PromptSpec

@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::protocol::{SteeringInfo, SteeringOptions};
 use super::AppState;
 use crate::engine::{GenerateRequest, Steering};
-use crate::steering::draw::{sample, BalancedCounts};
+use crate::steering::draw::sample;
 use crate::steering::{Adapter, Policy};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -94,12 +94,27 @@ impl Plan {
         format!("{}{text}{}", f.prefix, f.suffix)
     }
 
-    /// Attaches the draw to choice `choice` of a request; the draw has its
-    /// own RNG stream, seeded from the request's seed when there is one.
-    pub fn attach(
+    /// Attaches the draw to every choice of an admitted request. A balanced
+    /// round's value is taken here, from the shared counts (in fleet mode a
+    /// Redis call, awaited in the handler, never inside the engine thread);
+    /// the other policies draw from the prior in the engine.
+    pub async fn attach_all(
+        &self,
+        state: &AppState,
+        requests: &mut [(usize, usize, GenerateRequest)],
+        seed: Option<u64>,
+    ) {
+        for (choice, _, request) in requests {
+            self.attach(request, state, seed, *choice).await;
+        }
+    }
+
+    /// The draw of one choice has its own RNG stream, seeded from the
+    /// request's seed when there is one.
+    async fn attach(
         &self,
         request: &mut GenerateRequest,
-        balanced: &Arc<BalancedCounts>,
+        state: &AppState,
         seed: Option<u64>,
         choice: usize,
     ) {
@@ -116,12 +131,10 @@ impl Plan {
             Policy::Prior | Policy::Off => Box::new(move |prior: &[f64]| sample(prior, &mut rng)),
             Policy::Target => Box::new(move |_: &[f64]| sample(&target, &mut rng)),
             Policy::Balanced => {
-                let (counts, adapter, context) = (
-                    balanced.clone(),
-                    self.adapter.name.clone(),
-                    self.context.clone(),
-                );
-                Box::new(move |_: &[f64]| counts.next(&adapter, &context, &target, &mut rng))
+                let value = state
+                    .draw_balanced(&self.adapter.name, &self.context, &target, &mut rng)
+                    .await;
+                Box::new(move |_: &[f64]| value)
             }
         };
         request.steering = Some(Steering {
@@ -138,9 +151,12 @@ impl Plan {
         prior: &[f64],
         text: &str,
     ) -> Option<SteeringInfo> {
-        state
+        let detected = state
             .monitor
             .record(&self.adapter, &self.context, value, text);
+        if let Some(fleet) = &state.fleet {
+            fleet.record(&self.adapter.name, &self.context, value, &detected);
+        }
         self.return_draw.then(|| self.info(value, prior))
     }
 

@@ -19,6 +19,8 @@ const MAX_STEPS: usize = 20_000;
 const MAX_BATCH: usize = 64;
 const MAX_LEN: usize = 2048;
 const MAX_EXAMPLES: usize = 100_000;
+/// Values of the attribute: one steering token each.
+const MAX_VALUES: usize = 64;
 
 fn jobs(state: &AppState) -> Result<&Arc<Jobs>, ApiError> {
     state.engine()?;
@@ -43,6 +45,12 @@ fn check(req: &JobRequest) -> Result<(), ApiError> {
         return Err(ApiError::invalid(
             "settings",
             format!("batch 1–{MAX_BATCH}, rank 1–256 and max_len ≤ {MAX_LEN}"),
+        ));
+    }
+    if req.data.values.len() > MAX_VALUES {
+        return Err(ApiError::invalid(
+            "data",
+            format!("{} values; at most {MAX_VALUES}", req.data.values.len()),
         ));
     }
     let examples = req.data.prompts.len()

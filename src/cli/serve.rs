@@ -79,6 +79,13 @@ pub struct ServeArgs {
     /// Label steering metrics with the context too (unbounded label sets: opt in).
     #[arg(long, env = "STEERLING_METRICS_CONTEXT_LABELS")]
     pub metrics_context_labels: bool,
+    /// Where the distribution's state lives: `memory` (this server alone), or
+    /// `redis://host:port/db`, shared by every replica that names the same Redis.
+    #[arg(long, env = "STEERLING_STATE", default_value = "memory")]
+    pub state: String,
+    /// This replica's name in a fleet's report (default: host name and port).
+    #[arg(long, env = "STEERLING_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -107,6 +114,27 @@ fn default_model_id(args: &ServeArgs) -> String {
     crate::model::model_id(&path)
 }
 
+/// The fleet's shared state, for `--state redis://…`.
+fn fleet(args: &ServeArgs) -> Result<Option<std::sync::Arc<crate::fleet::Fleet>>> {
+    if args.state == "memory" {
+        return Ok(None);
+    }
+    let replica = args.replica_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "replica".into());
+        format!("{host}-{}", args.port)
+    });
+    let fleet = crate::fleet::Fleet::new(crate::fleet::FleetConfig {
+        url: args.state.clone(),
+        replica,
+        window_rounds: args.window_rounds.max(1),
+        window_time: Duration::from_secs(args.window_seconds.max(1)),
+    })
+    .context("--state must be `memory` or redis://host:port/db")?;
+    Ok(Some(fleet))
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let limits = Limits {
         max_prompt_tokens: args.max_prompt_tokens,
@@ -132,6 +160,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             alert_mae: args.alert_mae,
             context_labels: args.metrics_context_labels,
         },
+        fleet: fleet(&args)?,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,6 +172,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, model = %state.model_id, "listening; loading the model");
+        if let Some(fleet) = &state.fleet {
+            tracing::info!(replica = fleet.replica(), state = %args.state, "fleet mode: the distribution is shared through Redis");
+            fleet.start();
+        }
         spawn_model_load(state.clone(), &args);
         spawn_metrics_upkeep(state.clone());
         let app = api::router(state, args.max_body_bytes);

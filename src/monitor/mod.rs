@@ -95,6 +95,41 @@ impl Series {
     }
 }
 
+/// The rounds of one series in each window, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Windows {
+    pub count: Vec<Round>,
+    pub time: Vec<Round>,
+}
+
+impl Windows {
+    fn get(&self, kind: WindowKind) -> Vec<&Round> {
+        match kind {
+            WindowKind::Count => self.count.iter().collect(),
+            WindowKind::Time => self.time.iter().collect(),
+        }
+    }
+}
+
+/// One adapter's windows: over all its contexts, and per context.
+#[derive(Debug, Clone)]
+pub struct AdapterRounds {
+    /// For value names and targets.
+    pub adapter: Arc<Adapter>,
+    pub all: Windows,
+    pub contexts: BTreeMap<String, Windows>,
+}
+
+impl AdapterRounds {
+    pub fn new(adapter: Arc<Adapter>) -> Self {
+        Self {
+            adapter,
+            all: Windows::default(),
+            contexts: BTreeMap::new(),
+        }
+    }
+}
+
 /// All series of one adapter.
 struct Tracked {
     /// The latest version seen (for value names and targets).
@@ -197,47 +232,82 @@ impl Monitor {
         }
     }
 
-    /// The report, optionally for one adapter, one context and one window kind.
+    /// This replica's windows (optionally of one adapter), as the report reads them.
+    pub fn snapshot(&self, adapter: Option<&str>) -> BTreeMap<String, AdapterRounds> {
+        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let windows = |s: &Series| Windows {
+            count: s
+                .window(WindowKind::Count, &self.config)
+                .into_iter()
+                .cloned()
+                .collect(),
+            time: s
+                .window(WindowKind::Time, &self.config)
+                .into_iter()
+                .cloned()
+                .collect(),
+        };
+        tracked
+            .iter()
+            .filter(|(name, _)| adapter.is_none_or(|a| a == name.as_str()))
+            .map(|(name, t)| {
+                let rounds = AdapterRounds {
+                    adapter: t.adapter.clone(),
+                    all: windows(&t.all),
+                    contexts: t
+                        .contexts
+                        .iter()
+                        .map(|(c, s)| (c.clone(), windows(s)))
+                        .collect(),
+                };
+                (name.clone(), rounds)
+            })
+            .collect()
+    }
+
+    /// The report of this replica's own rounds, optionally for one adapter,
+    /// one context and one window kind.
     pub fn report(
         &self,
         adapter: Option<&str>,
         context: Option<&str>,
         window: Option<WindowKind>,
     ) -> Report {
-        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        let mut names: Vec<&String> = tracked
-            .keys()
-            .filter(|n| adapter.is_none_or(|a| a == n.as_str()))
-            .collect();
-        names.sort();
+        self.report_from(&self.snapshot(adapter), context, window)
+    }
+
+    /// The report of `rounds` (this replica's, or the fleet's).
+    pub fn report_from(
+        &self,
+        rounds: &BTreeMap<String, AdapterRounds>,
+        context: Option<&str>,
+        window: Option<WindowKind>,
+    ) -> Report {
         let kinds: Vec<WindowKind> = match window {
             Some(k) => vec![k],
             None => vec![WindowKind::Count, WindowKind::Time],
         };
-        let adapters = names
-            .into_iter()
-            .map(|name| {
-                let t = &tracked[name];
-                let cfg = &t.adapter.config;
-                let summarize = |series: &Series| {
+        let adapters = rounds
+            .iter()
+            .map(|(name, r)| {
+                let cfg = &r.adapter.config;
+                let summarize = |w: &Windows| {
                     kinds
                         .iter()
-                        .map(|&k| {
-                            report::summarize(cfg, &series.window(k, &self.config), k, &self.config)
-                        })
+                        .map(|&k| report::summarize(cfg, &w.get(k), k, &self.config))
                         .collect::<Vec<_>>()
                 };
-                let contexts = t
+                let contexts = r
                     .contexts
                     .iter()
                     .filter(|(c, _)| context.is_none_or(|want| want == c.as_str()))
-                    .map(|(c, s)| (c.clone(), summarize(s)))
+                    .map(|(c, w)| (c.clone(), summarize(w)))
                     .collect();
                 AdapterReport {
                     adapter: name.clone(),
                     attribute: cfg.attribute.name.clone(),
                     values: cfg.value_names(),
-                    aggregate: summarize(&t.all),
+                    aggregate: summarize(&r.all),
                     contexts,
                 }
             })
@@ -246,6 +316,8 @@ impl Monitor {
             generated_at: crate::api::unix_now(),
             window_rounds: self.config.window_rounds,
             window_seconds: self.config.window_time.as_secs(),
+            state: "memory".into(),
+            fleet: None,
             adapters,
         }
     }

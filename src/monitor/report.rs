@@ -99,6 +99,12 @@ pub struct Report {
     pub generated_at: u64,
     pub window_rounds: usize,
     pub window_seconds: u64,
+    /// Whose rounds: `memory` (this server's), `redis` (the fleet's), or
+    /// `degraded` (this replica's only, while Redis is unreachable).
+    pub state: String,
+    /// With `--state redis://…`: the replicas seen and what is missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetStatus>,
     pub adapters: Vec<AdapterReport>,
 }
 

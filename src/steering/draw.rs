@@ -105,6 +105,12 @@ impl BalancedCounts {
         v
     }
 
+    /// Replaces the counts of (adapter, context), e.g. with the fleet's.
+    pub fn set(&self, adapter: &str, context: &str, counts: Vec<u64>) {
+        let mut all = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        all.insert((adapter.to_string(), context.to_string()), counts);
+    }
+
     pub fn reset(&self, adapter: Option<&str>) {
         let mut all = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         match adapter {

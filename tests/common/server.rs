@@ -61,6 +61,7 @@ impl TestServer {
             admin_open: opts.admin_open,
             default_policy: steerling::steering::Policy::Prior,
             monitor: opts.monitor.clone(),
+            fleet: None,
         });
         if opts.load {
             let config = EngineConfig {
