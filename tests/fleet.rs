@@ -28,6 +28,8 @@ impl Redis {
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--dir", dir.to_str().unwrap(), "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            // DEBUG SLEEP stands in for a stalled Redis.
+            .args(["--enable-debug-command", "local"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is needed (Debian package redis-server; .ci/run installs it)");
@@ -311,4 +313,28 @@ async fn the_shared_schedule_stays_within_its_bound_at_every_step() {
             }
         }
     }
+}
+
+/// Redis stalls (DEBUG SLEEP) instead of going away: calls time out, the
+/// replica serves alone meanwhile, then reconnects and merges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_is_served_through() {
+    let data = tempfile::tempdir().unwrap();
+    let redis = Redis::start(data.path(), free_port());
+    let adapters = adapters_dir();
+    let r1 = replica("r1", &redis.url(), adapters.path());
+    balanced_rounds(&[&r1], 20).await;
+    wait_for_fleet_count(&r1, 20).await;
+    let mut stall = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "DEBUG", "SLEEP", "3"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Served while Redis is still asleep: nobody waited for it.
+    balanced_rounds(&[&r1], 20).await;
+    let during = report(&r1).await;
+    stall.wait().unwrap();
+    assert_eq!(during["state"], "degraded", "{during}");
+    wait_for_fleet_count(&r1, 40).await;
 }

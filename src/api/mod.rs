@@ -316,9 +316,22 @@ pub fn with_common_layers(
                 .unwrap_or("-");
             tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
         })
-        .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)))
+        .on_response(log_response))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// One log line per response. Refusals at capacity go at debug level: under
+/// a flood, writing a line for each would take CPU from decoding (they are
+/// counted in `steerling_rejected_requests_total`).
+fn log_response(response: &Response, latency: Duration, _: &tracing::Span) {
+    let status = response.status().as_u16();
+    let ms = latency.as_secs_f64() * 1e3;
+    if status == 429 {
+        tracing::debug!(status, latency_ms = ms, "refused at capacity");
+    } else {
+        tracing::info!(status, latency_ms = ms, "finished processing request");
+    }
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
