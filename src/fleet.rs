@@ -322,6 +322,8 @@ impl Fleet {
 
     /// The balanced policy's next value for (adapter, context), from the
     /// fleet's counts; alone on this replica's last view while Redis is away.
+    /// (A draw whose reply timed out may still have counted in Redis: that
+    /// round is then counted twice, once there and once merged later.)
     pub async fn balanced_next(
         &self,
         adapter: &str,
