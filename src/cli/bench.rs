@@ -192,9 +192,13 @@ fn steering_cost(
     for (dir, name, label) in adapters {
         let registry = Registry::new(dir, base.clone(), engine.model_config().clone());
         let adapter = registry.load(&name)?;
-        let rounds = 24;
+        let rounds = 48;
         let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
+        // Each pair runs back to back, so slow drifts of a shared machine
+        // cancel in its ratio; the median ignores the pairs a burst hit.
+        let mut ratios = Vec::with_capacity(rounds);
         for i in 0..rounds {
+            let mut pair = [Duration::ZERO; 2];
             for steer in [i % 2 == 0, i % 2 != 0] {
                 let mut r = GenerateRequest::new(prompt.to_vec(), tokens, SamplingParams::greedy());
                 r.ignore_eos = true;
@@ -212,14 +216,19 @@ fn steering_cost(
                         bail!(e);
                     }
                 }
-                *if steer { &mut steered } else { &mut plain } += start.elapsed();
+                let took = start.elapsed();
+                *if steer { &mut steered } else { &mut plain } += took;
+                pair[usize::from(steer)] = took;
             }
+            ratios.push(pair[1].as_secs_f64() / pair[0].as_secs_f64());
         }
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "steering (prior, {label}) vs off, end-to-end latency over {rounds} requests of {tokens} tokens: {:.1} ms vs {:.1} ms = {:.3}x",
+            "steering (prior, {label}) vs off, end-to-end latency over {rounds} request pairs of {tokens} tokens: {:.1} ms vs {:.1} ms = {:.3}x (median of pair ratios {:.3}x)",
             steered.as_secs_f64() * 1e3 / rounds as f64,
             plain.as_secs_f64() * 1e3 / rounds as f64,
-            steered.as_secs_f64() / plain.as_secs_f64()
+            steered.as_secs_f64() / plain.as_secs_f64(),
+            ratios[rounds / 2]
         );
     }
     let _ = std::fs::remove_dir_all(&generated);

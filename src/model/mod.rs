@@ -337,9 +337,13 @@ fn add_lora_rows<const N: usize>(
     lens: &[usize],
     outputs: [(ProjKind, &mut Vec<f32>); N],
 ) {
+    use rayon::prelude::*;
     let rows: usize = lens.iter().sum();
     let width = xs.len() / rows.max(1);
-    for (kind, y) in outputs {
+    // On the compute pool, one projection per worker: serial work here
+    // would let the other workers fall asleep between the layer's matmuls,
+    // and waking them costs more than the deltas themselves.
+    outputs.into_par_iter().for_each(|(kind, y)| {
         let out = y.len() / rows.max(1);
         let mut offset = 0;
         for (seg, &len) in segs.iter().zip(lens) {
@@ -351,5 +355,5 @@ fn add_lora_rows<const N: usize>(
             }
             offset += len;
         }
-    }
+    });
 }
