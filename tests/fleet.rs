@@ -214,6 +214,13 @@ async fn balanced_rounds_across_two_replicas_hold_the_fleet_target() {
         .map(|r| r["id"].as_str().unwrap())
         .collect();
     assert_eq!(seen, ["r1", "r2"]);
+    let page = reqwest::get(format!("{}/distribution", r2.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Fleet of 2 replicas: r1"), "{page:.600}");
     assert_eq!(one["fleet"]["replica"], "r1");
     assert_eq!(two["fleet"]["replica"], "r2");
 }
@@ -235,6 +242,13 @@ async fn a_redis_outage_is_served_through_and_merged_back() {
     assert_eq!(degraded["state"], "degraded", "{degraded}");
     assert_eq!(degraded["fleet"]["degraded"], true);
     assert!(degraded["fleet"]["missing"].is_string());
+    let page = reqwest::get(format!("{}/distribution", r1.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<b>Degraded</b> (replica r1)"), "{page:.600}");
     assert!(
         degraded["fleet"]["buffered_rounds"].as_u64().unwrap() > 0,
         "{degraded}"

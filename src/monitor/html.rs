@@ -112,8 +112,32 @@ fn window_block(title: &str, values: &[String], w: &WindowReport) -> String {
     )
 }
 
+/// Whose rounds the page shows, in fleet mode.
+fn fleet_line(report: &Report) -> String {
+    let Some(fleet) = &report.fleet else {
+        return String::new();
+    };
+    let replicas: Vec<String> = fleet
+        .replicas
+        .iter()
+        .map(|r| format!("{} ({:.0} s ago)", escape(&r.id), r.seconds_ago))
+        .collect();
+    match &fleet.missing {
+        Some(missing) => format!(
+            "<p><b>Degraded</b> (replica {}): {}</p>",
+            escape(&fleet.replica),
+            escape(missing)
+        ),
+        None => format!(
+            "<p>Fleet of {} replicas: {}</p>",
+            replicas.len(),
+            replicas.join(", ")
+        ),
+    }
+}
+
 pub fn render(report: &Report) -> String {
-    let mut body = String::new();
+    let mut body = fleet_line(report);
     if report.adapters.is_empty() {
         body += "<p>No steered rounds recorded yet.</p>";
     }
