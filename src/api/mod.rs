@@ -373,13 +373,11 @@ async fn shed_when_full(State(state): State<Arc<AppState>>, req: Request, next: 
 /// server listens on loopback, else 403.
 async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match &state.admin_key {
-        Some(key) => {
-            if !constant_time_eq(bearer(&req).as_bytes(), key.as_bytes()) {
-                return ApiError::unauthorized().into_response();
-            }
+        Some(key) if !constant_time_eq(bearer(&req).as_bytes(), key.as_bytes()) => {
+            return ApiError::unauthorized().into_response();
         }
         None if !state.admin_open => return ApiError::admin_disabled().into_response(),
-        None => {}
+        _ => {}
     }
     next.run(req).await
 }
