@@ -58,3 +58,38 @@ fn kernels_agree_with_candle_and_each_other() {
         }
     }
 }
+
+/// The vectorized rounding gives exactly what `f32::round` gives (half
+/// away from zero), ties and near-ties included.
+#[test]
+fn activation_quantization_rounds_like_round() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut blocks: Vec<Vec<f32>> = (0..2000)
+        .map(|_| (0..BLOCK).map(|_| rng.random_range(-3.0f32..3.0)).collect())
+        .collect();
+    // Values landing on and next to .5 once scaled (amax 127 makes id = 1).
+    let mut ties: Vec<f32> = vec![127.0];
+    for k in -126..126 {
+        let h = k as f32 + 0.5;
+        ties.extend([
+            h,
+            f32::from_bits(h.to_bits() - 1),
+            f32::from_bits(h.to_bits() + 1),
+        ]);
+    }
+    blocks.extend(ties.chunks(BLOCK - 1).map(|c| {
+        let mut b = vec![127.0];
+        b.extend(c);
+        b.resize(BLOCK, 0.0);
+        b
+    }));
+    for x in &blocks {
+        let block = quantize_block(x);
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let expected: Vec<i8> = x.iter().map(|v| (v * id).round() as i8).collect();
+        assert_eq!(block.qs.to_vec(), expected, "{x:?}");
+    }
+}
