@@ -10,6 +10,7 @@
 //! `degraded`. A background task reconnects, then merges the outbox back:
 //! the rounds with their original times, the draws into the shared counts.
 
+use crate::monitor::report::WindowKind;
 use crate::monitor::{AdapterRounds, Round, Windows};
 use crate::steering::draw::BalancedCounts;
 use crate::steering::{Detected, Registry};
@@ -527,16 +528,11 @@ impl Fleet {
         &self,
         registry: &Registry,
         adapter: Option<&str>,
+        window: Option<WindowKind>,
     ) -> Result<BTreeMap<String, AdapterRounds>> {
+        let kinds = WindowKind::selected(window);
         let mut conn = self.connection().context("Redis is unreachable")?;
-        let members: Vec<String> = self
-            .call(
-                redis::cmd("SMEMBERS")
-                    .arg(key("series", "all"))
-                    .query_async(&mut conn),
-            )
-            .await
-            .context("Redis is unreachable")?;
+        let members = self.members(&mut conn, "series").await?;
         let (now, now_ms) = (Instant::now(), now_ms());
         let since = now_ms.saturating_sub(self.config.window_time.as_millis() as u64);
         let mut out: BTreeMap<String, AdapterRounds> = BTreeMap::new();
@@ -552,29 +548,32 @@ impl Fleet {
                 continue;
             };
             let mut pipe = redis::pipe();
-            pipe.lrange(
-                key("count", &member),
-                0,
-                self.config.window_rounds as isize - 1,
-            )
-            .zrangebyscore(key("time", &member), since, "+inf");
-            let (count, time): (Vec<String>, Vec<String>) = self
+            for kind in &kinds {
+                match kind {
+                    WindowKind::Count => pipe.lrange(
+                        key("count", &member),
+                        0,
+                        self.config.window_rounds as isize - 1,
+                    ),
+                    WindowKind::Time => pipe.zrangebyscore(key("time", &member), since, "+inf"),
+                };
+            }
+            let lists: Vec<Vec<String>> = self
                 .call(pipe.query_async(&mut conn))
                 .await
                 .context("Redis is unreachable")?;
-            let rounds = |entries: Vec<String>| -> Vec<Round> {
-                entries
+            let mut windows = Windows::default();
+            for (&kind, entries) in kinds.iter().zip(lists) {
+                let mut rounds: Vec<Round> = entries
                     .iter()
                     .filter_map(|e| decode(e, now, now_ms))
-                    .collect()
-            };
-            // The count list is newest first; windows read oldest first.
-            let mut count = rounds(count);
-            count.reverse();
-            let windows = Windows {
-                count,
-                time: rounds(time),
-            };
+                    .collect();
+                // The count list is newest first; windows read oldest first.
+                if kind == WindowKind::Count {
+                    rounds.reverse();
+                }
+                *windows.get_mut(kind) = rounds;
+            }
             let entry = out
                 .entry(name)
                 .or_insert_with(|| AdapterRounds::new(loaded));
@@ -588,6 +587,17 @@ impl Fleet {
             }
         }
         Ok(out)
+    }
+
+    /// The members of one of the fleet's index sets (`series`, `balanced-keys`).
+    async fn members(&self, conn: &mut MultiplexedConnection, set: &str) -> Result<Vec<String>> {
+        self.call(
+            redis::cmd("SMEMBERS")
+                .arg(key(set, "all"))
+                .query_async(conn),
+        )
+        .await
+        .context("Redis is unreachable")
     }
 
     /// The report's fleet section: the replicas seen, and what is missing.
@@ -630,22 +640,8 @@ impl Fleet {
     /// Clears the fleet's windows and balanced counts (one adapter, or all).
     pub async fn reset(&self, adapter: Option<&str>) -> Result<()> {
         let mut conn = self.connection().context("Redis is unreachable")?;
-        let keys_of = |set: &'static str| {
-            let mut conn = conn.clone();
-            async move {
-                let members: Vec<String> = self
-                    .call(
-                        redis::cmd("SMEMBERS")
-                            .arg(key(set, "all"))
-                            .query_async(&mut conn),
-                    )
-                    .await
-                    .context("Redis is unreachable")?;
-                Ok::<_, anyhow::Error>(members)
-            }
-        };
-        let series_members = keys_of("series").await?;
-        let counts_keys = keys_of("balanced-keys").await?;
+        let series_members = self.members(&mut conn, "series").await?;
+        let counts_keys = self.members(&mut conn, "balanced-keys").await?;
         let wanted =
             |series: &str| adapter.is_none_or(|a| series.starts_with(&format!("{}:", hex(a))));
         let mut pipe = redis::pipe();

@@ -148,6 +148,12 @@ async fn balanced_rounds(replicas: &[&ChildServer], n: usize) {
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
 }
 
+/// The report as the HTML page.
+async fn page(replica: &ChildServer) -> String {
+    let url = format!("{}/distribution", replica.base);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 async fn report(replica: &ChildServer) -> Value {
     reqwest::get(format!("{}/distribution/report?window=count", replica.base))
         .await
@@ -214,12 +220,7 @@ async fn balanced_rounds_across_two_replicas_hold_the_fleet_target() {
         .map(|r| r["id"].as_str().unwrap())
         .collect();
     assert_eq!(seen, ["r1", "r2"]);
-    let page = reqwest::get(format!("{}/distribution", r2.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page(&r2).await;
     assert!(page.contains("Fleet of 2 replicas: r1"), "{page:.600}");
     assert_eq!(one["fleet"]["replica"], "r1");
     assert_eq!(two["fleet"]["replica"], "r2");
@@ -242,12 +243,7 @@ async fn a_redis_outage_is_served_through_and_merged_back() {
     assert_eq!(degraded["state"], "degraded", "{degraded}");
     assert_eq!(degraded["fleet"]["degraded"], true);
     assert!(degraded["fleet"]["missing"].is_string());
-    let page = reqwest::get(format!("{}/distribution", r1.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page(&r1).await;
     assert!(page.contains("<b>Degraded</b> (replica r1)"), "{page:.600}");
     assert!(
         degraded["fleet"]["buffered_rounds"].as_u64().unwrap() > 0,

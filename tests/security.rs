@@ -11,6 +11,13 @@ use serde_json::{json, Value};
 const INFER: &str = "infer-0123456789abcdef";
 const ADMIN: &str = "admin-fedcba9876543210";
 
+/// A completion (to `model`, or the base model) still succeeds.
+async fn assert_serving(s: &TestServer, model: Option<&str>) {
+    let body = json!({"model": model, "prompt": "Hello", "max_tokens": 3});
+    let (status, v) = s.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+}
+
 /// Asserts each `Authorization` value in `bad` gets 401 on the route.
 async fn all_refused(s: &TestServer, method: &str, path: &str, bad: &[Option<&str>]) {
     for auth in bad {
@@ -258,13 +265,7 @@ async fn hostile_inputs_are_refused_before_any_work() {
         assert_eq!(r.status(), 404, "{model}");
     }
     // Still serving.
-    let (status, v) = s
-        .post_json(
-            "/v1/completions",
-            &json!({"prompt": "Hello", "max_tokens": 3}),
-        )
-        .await;
-    assert_eq!(status, 200, "{v}");
+    assert_serving(&s, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,13 +307,7 @@ async fn an_engine_crash_mid_stream_ends_the_stream_with_an_error_and_serving_go
         !text.contains("[DONE]"),
         "a failed stream does not claim to be complete"
     );
-    let (status, v) = s
-        .post_json(
-            "/v1/completions",
-            &json!({"prompt": "Hello", "max_tokens": 3}),
-        )
-        .await;
-    assert_eq!(status, 200, "{v}");
+    assert_serving(&s, None).await;
     let metrics = s.get_text("/metrics").await;
     assert!(
         metrics.contains("steerling_engine_restarts_total"),
@@ -348,11 +343,5 @@ async fn a_panicking_training_job_fails_alone_and_the_next_one_trains() {
     assert_eq!(good["state"], "succeeded", "{good}");
     assert!(!dir.path().join("broken").exists());
     assert_eq!(jobs.status(&good_id).unwrap().state, JobState::Succeeded);
-    let (status, _) = s
-        .post_json(
-            "/v1/completions",
-            &json!({"model": "fine", "prompt": "Hello", "max_tokens": 3}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    assert_serving(&s, Some("fine")).await;
 }

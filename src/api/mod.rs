@@ -200,7 +200,7 @@ impl AppState {
             return self.monitor.report(adapter, context, window);
         };
         let shared = match self.registry.get() {
-            Some(registry) => fleet.snapshot(registry, adapter).await.ok(),
+            Some(registry) => fleet.snapshot(registry, adapter, window).await.ok(),
             // Still loading: no adapter, nothing to report yet.
             None => Some(Default::default()),
         };

@@ -199,9 +199,8 @@ impl Lora {
         for (xr, yr) in x.chunks_exact(input).zip(y.chunks_exact_mut(out)) {
             for (ar, br) in self.a.chunks_exact(input).zip(self.b_t.chunks_exact(out)) {
                 let t = self.scale * super::attention::dot(ar, xr);
-                // Plain multiply-add vectorizes; `mul_add` may not.
                 for (yo, b) in yr.iter_mut().zip(br) {
-                    *yo += t * b;
+                    *yo = t.mul_add(*b, *yo);
                 }
             }
         }

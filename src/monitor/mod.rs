@@ -109,6 +109,13 @@ impl Windows {
             WindowKind::Time => self.time.iter().collect(),
         }
     }
+
+    pub fn get_mut(&mut self, kind: WindowKind) -> &mut Vec<Round> {
+        match kind {
+            WindowKind::Count => &mut self.count,
+            WindowKind::Time => &mut self.time,
+        }
+    }
 }
 
 /// One adapter's windows: over all its contexts, and per context.
@@ -233,19 +240,20 @@ impl Monitor {
     }
 
     /// This replica's windows (optionally of one adapter), as the report reads them.
-    pub fn snapshot(&self, adapter: Option<&str>) -> BTreeMap<String, AdapterRounds> {
+    pub fn snapshot(
+        &self,
+        adapter: Option<&str>,
+        window: Option<WindowKind>,
+    ) -> BTreeMap<String, AdapterRounds> {
+        let kinds = WindowKind::selected(window);
         let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        let windows = |s: &Series| Windows {
-            count: s
-                .window(WindowKind::Count, &self.config)
-                .into_iter()
-                .cloned()
-                .collect(),
-            time: s
-                .window(WindowKind::Time, &self.config)
-                .into_iter()
-                .cloned()
-                .collect(),
+        // Only the windows the report reads are copied.
+        let windows = |s: &Series| {
+            let mut w = Windows::default();
+            for &kind in &kinds {
+                *w.get_mut(kind) = s.window(kind, &self.config).into_iter().cloned().collect();
+            }
+            w
         };
         tracked
             .iter()
@@ -273,7 +281,7 @@ impl Monitor {
         context: Option<&str>,
         window: Option<WindowKind>,
     ) -> Report {
-        self.report_from(&self.snapshot(adapter), context, window)
+        self.report_from(&self.snapshot(adapter, window), context, window)
     }
 
     /// The report of `rounds` (this replica's, or the fleet's).
@@ -283,10 +291,7 @@ impl Monitor {
         context: Option<&str>,
         window: Option<WindowKind>,
     ) -> Report {
-        let kinds: Vec<WindowKind> = match window {
-            Some(k) => vec![k],
-            None => vec![WindowKind::Count, WindowKind::Time],
-        };
+        let kinds = WindowKind::selected(window);
         let adapters = rounds
             .iter()
             .map(|(name, r)| {

@@ -16,6 +16,16 @@ pub enum WindowKind {
     Time,
 }
 
+impl WindowKind {
+    /// The kinds a report asks for: one, or (None) both.
+    pub fn selected(window: Option<WindowKind>) -> Vec<WindowKind> {
+        match window {
+            Some(k) => vec![k],
+            None => vec![WindowKind::Count, WindowKind::Time],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
