@@ -19,6 +19,7 @@ fn our_logits(source: &ModelSource, prompt: &str) -> (Vec<u32>, Vec<f32>) {
         lora: None,
         extra_head: None,
         logits: Logits::Last,
+        branches: None,
     }];
     let out = loaded.model.forward(&mut segs).unwrap();
     (ids, out[0].flatten_all().unwrap().to_vec1().unwrap())
@@ -107,6 +108,7 @@ fn quantized_smollm2_is_this_sensitive() {
             lora: None,
             extra_head: None,
             logits: Logits::Last,
+            branches: None,
         }];
         loaded.model.forward(&mut segs).unwrap()[0]
             .flatten_all()

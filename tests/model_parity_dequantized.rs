@@ -22,6 +22,7 @@ fn smollm2_dequantized_matches_quantized_llama_within_1e_3() {
         lora: None,
         extra_head: None,
         logits: Logits::Last,
+        branches: None,
     }];
     let ours: Vec<f32> = loaded.model.forward(&mut segs).unwrap()[0]
         .flatten_all()

@@ -64,6 +64,7 @@ fn training_forward_matches_the_serving_model() {
         lora: None,
         extra_head: Some(&head),
         logits: Logits::Last,
+        branches: None,
     }];
     let serving: Vec<f32> = model.forward(&mut segs).unwrap()[0]
         .flatten_all()

@@ -192,7 +192,7 @@ fn steering_cost(
     for (dir, name, label) in adapters {
         let registry = Registry::new(dir, base.clone(), engine.model_config().clone());
         let adapter = registry.load(&name)?;
-        let rounds = 48;
+        let rounds = 96;
         let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
         // Each pair runs back to back, so slow drifts of a shared machine
         // cancel in its ratio; the median ignores the pairs a burst hit.
@@ -224,11 +224,13 @@ fn steering_cost(
         }
         ratios.sort_by(f64::total_cmp);
         println!(
-            "steering (prior, {label}) vs off, end-to-end latency over {rounds} request pairs of {tokens} tokens: {:.1} ms vs {:.1} ms = {:.3}x (median of pair ratios {:.3}x)",
+            "steering (prior, {label}) vs off, end-to-end latency over {rounds} request pairs of {tokens} tokens: {:.1} ms vs {:.1} ms = {:.3}x (pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
             steered.as_secs_f64() * 1e3 / rounds as f64,
             plain.as_secs_f64() * 1e3 / rounds as f64,
             steered.as_secs_f64() / plain.as_secs_f64(),
-            ratios[rounds / 2]
+            ratios[rounds / 2],
+            ratios[rounds / 4],
+            ratios[3 * rounds / 4],
         );
     }
     let _ = std::fs::remove_dir_all(&generated);

@@ -101,6 +101,12 @@ fn embed(
     Ok(candle_core::Tensor::cat(&parts, 0)?)
 }
 
+/// A steered sequence runs its steering tokens as branches of the prompt's
+/// last chunk (see `Segment::branches`) when the adapter has at most this
+/// many: each is one more row of that step, and past a few rows they cost
+/// more than the forward step of its own that the drawn token needs otherwise.
+const MAX_BRANCHES: usize = 4;
+
 /// One sequence's share of a step.
 struct Planned {
     index: usize,
@@ -327,15 +333,18 @@ impl Scheduler {
             )?;
             // The steering tokens' logits are needed once: where the prompt ends.
             let completes_prompt = seq.fed + p.rows == seq.tokens.len();
-            let extra_head = adapter
-                .filter(|_| completes_prompt && seq.awaiting_draw())
-                .map(|a| &a.weights.head);
+            let drawing = adapter.filter(|_| completes_prompt && seq.awaiting_draw());
+            let extra_head = drawing.map(|a| &a.weights.head);
+            let branches = drawing
+                .map(|a| &a.weights.embed)
+                .filter(|rows| rows.dim(0).is_ok_and(|k| k <= MAX_BRANCHES));
             segments.push(Segment {
                 embeds,
                 cache: &mut seq.cache,
                 lora: adapter.and_then(|a| a.weights.lora.as_ref()),
                 extra_head,
                 logits: p.logits,
+                branches,
             });
         }
         let logits = model.forward(&mut segments)?;
@@ -353,11 +362,18 @@ impl Scheduler {
 
     /// Handles one sequence's logits: prompt log-probabilities, then the
     /// next token if the whole prompt is in.
-    fn consume(&mut self, p: &Planned, start: usize, rows: Vec<Vec<f32>>) -> anyhow::Result<()> {
+    fn consume(
+        &mut self,
+        p: &Planned,
+        start: usize,
+        mut rows: Vec<Vec<f32>>,
+    ) -> anyhow::Result<()> {
         let tokenizer = self.tokenizer.clone();
         let max_context = self.config.max_context;
         let vocab = self.model.config.vocab_size;
         let seq = &mut self.running[p.index];
+        // The steering tokens' rows, when they ran as branches of this step.
+        let mut branch_rows = rows.split_off(rows.len() - seq.cache.branch_count());
         if let (Some(n), Logits::All) = (seq.request.prompt_logprobs, p.logits) {
             for (i, row) in rows.iter().enumerate() {
                 let target = start + i + 1;
@@ -391,7 +407,13 @@ impl Scheduler {
             seq.tokens.push(steering.adapter.token_id(value));
             seq.hidden += 1;
             let _ = seq.events.send(Event::Steering { value, prior });
-            return Ok(());
+            if branch_rows.is_empty() {
+                // Fed as the next step's row.
+                return Ok(());
+            }
+            seq.cache.keep_branch(value)?;
+            seq.fed += 1;
+            last = branch_rows.swap_remove(value);
         }
         last.truncate(vocab);
         let (token, logprob) = seq.sampler.sample(&mut last);

@@ -90,6 +90,24 @@ pub struct AttnSeq<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub start: usize,
+    /// For a branch row (one query at `start`): its own key and value rows,
+    /// which stand in for position `start` (the cache holds `0..start`).
+    pub own: Option<(&'a [f32], &'a [f32])>,
+}
+
+impl AttnSeq<'_> {
+    /// Key or value row `g` at position t.
+    #[inline]
+    fn kv(&self, value: bool, t: usize, kv_row: usize, g: usize, head_dim: usize) -> &[f32] {
+        let rows = match self.own {
+            Some((k, v)) if t == self.start => {
+                return &(if value { v } else { k })[g * head_dim..][..head_dim]
+            }
+            _ if value => self.v,
+            _ => self.k,
+        };
+        &rows[t * kv_row + g * head_dim..][..head_dim]
+    }
 }
 
 /// Computes softmax(q·kᵀ/√d)·v for every (row, head) of every sequence, causal.
@@ -120,7 +138,7 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
         let lo = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let g = h / group;
         let mut scores: Vec<f32> = (lo..=pos)
-            .map(|t| dot(q, &seq.k[t * kv_row + g * head_dim..][..head_dim]) * scale)
+            .map(|t| dot(q, seq.kv(false, t, kv_row, g, head_dim)) * scale)
             .collect();
         let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
@@ -130,8 +148,7 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
         }
         o.fill(0.0);
         for (t, p) in (lo..=pos).zip(&scores) {
-            let v = &seq.v[t * kv_row + g * head_dim..][..head_dim];
-            axpy(p / sum, v, o);
+            axpy(p / sum, seq.kv(true, t, kv_row, g, head_dim), o);
         }
     };
     // Query rows × keys attended, roughly: below a few thousand, waking
@@ -203,6 +220,7 @@ mod tests {
             k: &k,
             v: &v,
             start: 1,
+            own: None,
         }];
         let mut out = [0.0; 4];
         attend(&seqs, shape, &mut out);

@@ -1,12 +1,16 @@
 //! One key/value cache per sequence: plain growable f32 buffers, laid out
 //! [position][kv_head][head_dim] per layer, so appending a token is a copy and
-//! attention reads contiguous rows.
+//! attention reads contiguous rows. A step may also leave *branches*:
+//! candidate rows for the next position, of which the caller keeps one.
 
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
     row: usize,
+    /// Keys/values of the last step's branch rows (candidates for the next
+    /// position), per layer: held apart until one is kept.
+    branches: Vec<LayerCache>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -22,6 +26,7 @@ impl KvCache {
             layers: vec![LayerCache::default(); num_layers],
             len: 0,
             row,
+            branches: vec![LayerCache::default(); num_layers],
         }
     }
 
@@ -51,12 +56,48 @@ impl KvCache {
         self.len += n;
     }
 
-    /// Drops everything after `len` positions (used to roll back a failed step).
+    /// Drops everything after `len` positions (used to roll back a failed
+    /// step), and any branches.
     pub fn truncate(&mut self, len: usize) {
         for layer in &mut self.layers {
             layer.k.truncate(len * self.row);
             layer.v.truncate(len * self.row);
         }
         self.len = self.len.min(len);
+        self.clear_branches();
+    }
+
+    /// Holds branch rows' `k`/`v` for layer `l` (one row per branch).
+    pub(crate) fn append_branches(&mut self, l: usize, k: &[f32], v: &[f32]) {
+        let layer = &mut self.branches[l];
+        layer.k.extend_from_slice(k);
+        layer.v.extend_from_slice(v);
+    }
+
+    pub(crate) fn clear_branches(&mut self) {
+        for layer in &mut self.branches {
+            layer.k.clear();
+            layer.v.clear();
+        }
+    }
+
+    /// Branches held from the last step.
+    pub fn branch_count(&self) -> usize {
+        self.branches.first().map_or(0, |b| b.k.len() / self.row)
+    }
+
+    /// Makes branch `i` of the last step the next cached position and drops
+    /// the others.
+    pub fn keep_branch(&mut self, i: usize) -> anyhow::Result<()> {
+        let count = self.branch_count();
+        anyhow::ensure!(i < count, "branch {i} of {count}");
+        let row = self.row;
+        for (layer, branch) in self.layers.iter_mut().zip(&self.branches) {
+            layer.k.extend_from_slice(&branch.k[i * row..][..row]);
+            layer.v.extend_from_slice(&branch.v[i * row..][..row]);
+        }
+        self.len += 1;
+        self.clear_branches();
+        Ok(())
     }
 }

@@ -163,14 +163,22 @@ pub fn forward_many_rows(projs: &[&Proj], x: &Tensor, xs: &[f32]) -> Result<Vec<
 }
 
 /// A low-rank update `scale · B·A` on one projection: y += scale · B (A x).
-/// Kept as plain f32 rows: applied to a few rows at a time, loops beat
-/// tensor ops, whose per-call overhead would dominate.
+///
+/// A and Bᵀ are kept as 8-bit rows with one scale per 32 values (ggml's Q8_0
+/// idea). A decode step at batch 1 is bound by memory traffic, and every
+/// LoRA weight is read once per step like the base weights: in f32, rank-8
+/// updates on q and v added 2.8% to each layer's bytes and cost 3.3% per
+/// step on SmolLM2; in 8 bits they are a quarter of that. The rounding error
+/// is about 1% of the update (tested), which is itself a small part of the
+/// output: far below the base weights' own 4-bit rounding. Applied to a few
+/// rows at a time, plain loops beat tensor ops, whose per-call overhead
+/// would dominate.
 #[derive(Debug, Clone)]
 pub struct Lora {
-    /// (rank, in), row-major.
-    a: Vec<f32>,
-    /// Bᵀ: (rank, out), row-major, so the update is a sum of scaled rows.
-    b_t: Vec<f32>,
+    /// (rank, in).
+    a: Rows8,
+    /// Bᵀ: (rank, out), so the update is a sum of scaled rows.
+    b_t: Rows8,
     rank: usize,
     scale: f32,
 }
@@ -178,30 +186,123 @@ pub struct Lora {
 impl Lora {
     /// a: (rank, in); b: (out, rank).
     pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
-        let (rank, _) = a.dims2()?;
-        let (_, rank_b) = b.dims2()?;
+        let (rank, input) = a.dims2()?;
+        let (out, rank_b) = b.dims2()?;
         anyhow::ensure!(
             rank == rank_b,
             "LoRA ranks differ: A has {rank}, B has {rank_b}"
         );
+        let a: Vec<f32> = a
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let b_t: Vec<f32> = b
+            .to_dtype(candle_core::DType::F32)?
+            .t()?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1()?;
         Ok(Self {
-            a: a.flatten_all()?.to_vec1()?,
-            b_t: b.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+            a: Rows8::quantize(&a, input),
+            b_t: Rows8::quantize(&b_t, out),
             rank,
             scale: scale as f32,
         })
     }
 
+    /// Rows of the projection's output.
+    pub fn out_dim(&self) -> usize {
+        self.b_t.width
+    }
+
     /// y (rows × out) += scale · B A x for each row of x (rows × in).
     pub fn add_to(&self, x: &[f32], y: &mut [f32]) {
-        let input = self.a.len() / self.rank;
-        let out = self.b_t.len() / self.rank;
-        for (xr, yr) in x.chunks_exact(input).zip(y.chunks_exact_mut(out)) {
-            for (ar, br) in self.a.chunks_exact(input).zip(self.b_t.chunks_exact(out)) {
-                let t = self.scale * super::attention::dot(ar, xr);
-                for (yo, b) in yr.iter_mut().zip(br) {
-                    *yo = t.mul_add(*b, *yo);
+        let mut t = vec![0f32; self.rank];
+        for (xr, yr) in x
+            .chunks_exact(self.a.width)
+            .zip(y.chunks_exact_mut(self.b_t.width))
+        {
+            for (r, t) in t.iter_mut().enumerate() {
+                *t = self.scale * self.a.dot(r, xr);
+            }
+            for (r, &t) in t.iter().enumerate() {
+                self.b_t.add_scaled(r, t, yr);
+            }
+        }
+    }
+}
+
+const ROW_BLOCK: usize = 32;
+
+/// Rows of `width` values, each stored as i8 with one f32 scale per 32
+/// values (the last block of a row may be shorter): value ≈ scale · q.
+#[derive(Debug, Clone)]
+struct Rows8 {
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    width: usize,
+}
+
+impl Rows8 {
+    /// `values`: rows × width, row-major.
+    fn quantize(values: &[f32], width: usize) -> Self {
+        let mut q = Vec::with_capacity(values.len());
+        let mut scales = Vec::new();
+        for row in values.chunks_exact(width) {
+            for block in row.chunks(ROW_BLOCK) {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                q.extend(block.iter().map(|v| (v * inv).round() as i8));
+                scales.push(d);
+            }
+        }
+        Self { q, scales, width }
+    }
+
+    fn row(&self, r: usize) -> (&[i8], &[f32]) {
+        let blocks = self.width.div_ceil(ROW_BLOCK);
+        (
+            &self.q[r * self.width..][..self.width],
+            &self.scales[r * blocks..][..blocks],
+        )
+    }
+
+    /// Row r · x.
+    fn dot(&self, r: usize, x: &[f32]) -> f32 {
+        let (q, scales) = self.row(r);
+        // 32 independent lanes: four vector registers, no single add chain.
+        let mut acc = [0f32; ROW_BLOCK];
+        let mut tail = 0f32;
+        for ((qb, &d), xb) in q.chunks(ROW_BLOCK).zip(scales).zip(x.chunks(ROW_BLOCK)) {
+            match (
+                <&[i8; ROW_BLOCK]>::try_from(qb),
+                <&[f32; ROW_BLOCK]>::try_from(xb),
+            ) {
+                (Ok(qb), Ok(xb)) => {
+                    for j in 0..ROW_BLOCK {
+                        acc[j] = (qb[j] as f32 * d).mul_add(xb[j], acc[j]);
+                    }
                 }
+                _ => {
+                    tail += qb
+                        .iter()
+                        .zip(xb)
+                        .map(|(&q, &x)| q as f32 * d * x)
+                        .sum::<f32>()
+                }
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// y += t · row r.
+    fn add_scaled(&self, r: usize, t: f32, y: &mut [f32]) {
+        let (q, scales) = self.row(r);
+        for ((qb, &d), yb) in q.chunks(ROW_BLOCK).zip(scales).zip(y.chunks_mut(ROW_BLOCK)) {
+            let s = t * d;
+            for (yo, &qv) in yb.iter_mut().zip(qb) {
+                *yo = (qv as f32).mul_add(s, *yo);
             }
         }
     }
@@ -217,5 +318,43 @@ pub struct LoraSet {
 impl LoraSet {
     pub fn get(&self, layer: usize, kind: ProjKind) -> Option<&Lora> {
         self.layers.get(layer)?[kind.index()].as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The 8-bit update stays within 1.5% (relative, as a whole) of the
+    /// exact f32 product, for widths that are and are not multiples of 32.
+    #[test]
+    fn lora_update_matches_f32_product() -> Result<()> {
+        for (input, out) in [(576, 192), (70, 45)] {
+            let dev = Device::Cpu;
+            let a = Tensor::randn(0f32, 0.05, (8, input), &dev)?;
+            let b = Tensor::randn(0f32, 0.02, (out, 8), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (3, input), &dev)?;
+            let exact: Vec<f32> = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * 2.0)?
+                .flatten_all()?
+                .to_vec1()?;
+            let lora = Lora::new(&a, &b, 2.0)?;
+            assert_eq!(lora.out_dim(), out);
+            let mut y = vec![0f32; 3 * out];
+            lora.add_to(&x.flatten_all()?.to_vec1()?, &mut y);
+            let err = y
+                .iter()
+                .zip(&exact)
+                .map(|(p, q)| (p - q).powi(2))
+                .sum::<f32>()
+                .sqrt();
+            let norm = exact.iter().map(|q| q * q).sum::<f32>().sqrt();
+            assert!(
+                norm > 0.0 && err / norm < 1.5e-2,
+                "relative error {} at {input}x{out}",
+                err / norm
+            );
+        }
+        Ok(())
     }
 }

@@ -61,6 +61,15 @@ pub struct Segment<'a> {
     /// vocabulary's (an adapter's steering tokens).
     pub extra_head: Option<&'a Tensor>,
     pub logits: Logits,
+    /// Candidate tokens for the position after this segment's rows, as
+    /// (n, hidden) embeddings: each runs as one more row at that position,
+    /// attending to the sequence and itself but not to the other candidates.
+    /// Their logits follow the segment's; their keys and values are held as
+    /// the cache's branches until the caller keeps one
+    /// (`KvCache::keep_branch`). A steered sequence runs its K steering
+    /// tokens this way with the prompt's last chunk, so the drawn one costs
+    /// no forward step of its own.
+    pub branches: Option<&'a Tensor>,
 }
 
 impl Model {
@@ -124,34 +133,42 @@ impl Model {
 
     fn forward_inner(&self, segs: &mut [Segment], starts: &[usize]) -> Result<Vec<Tensor>> {
         let cfg = &self.config;
-        let lens: Vec<usize> = segs
-            .iter()
-            .map(|s| s.embeds.dim(0))
-            .collect::<Result<_, _>>()?;
-        for (len, start) in lens.iter().zip(starts) {
+        let mut rows = Vec::with_capacity(segs.len());
+        for (seg, &start) in segs.iter_mut().zip(starts) {
+            seg.cache.clear_branches();
+            let r = SegRows {
+                len: seg.embeds.dim(0)?,
+                branches: seg.branches.map_or(Ok(0), |b| b.dim(0))?,
+            };
+            let positions = start + r.len + usize::from(r.branches > 0);
             ensure!(
-                start + len <= self.max_positions(),
-                "sequence of {} positions exceeds the context of {}",
-                start + len,
+                positions <= self.max_positions(),
+                "sequence of {positions} positions exceeds the context of {}",
                 self.max_positions()
             );
+            rows.push(r);
         }
-        let embeds: Vec<&Tensor> = segs.iter().map(|s| &s.embeds).collect();
-        let mut x = Tensor::cat(&embeds, 0)?;
+        // Each segment's rows, then its branch rows.
+        let inputs: Vec<&Tensor> = segs
+            .iter()
+            .flat_map(|s| std::iter::once(&s.embeds).chain(s.branches))
+            .collect();
+        let mut x = Tensor::cat(&inputs, 0)?;
+        let spans: Vec<usize> = rows.iter().map(|r| r.len + r.branches).collect();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(l, layer, &h, segs, &lens, starts)?;
+            let attn = self.attention(l, layer, &h, segs, &rows, starts)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, cfg.rms_norm_eps as f32)?;
             let gate_up =
-                self.project_many(l, layer, &[ProjKind::Gate, ProjKind::Up], &h, segs, &lens)?;
+                self.project_many(l, layer, &[ProjKind::Gate, ProjKind::Up], &h, segs, &spans)?;
             let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
-            x = (x + self.project(l, layer, ProjKind::Down, &act, segs, &lens)?)?;
+            x = (x + self.project(l, layer, ProjKind::Down, &act, segs, &spans)?)?;
         }
-        for (seg, &len) in segs.iter_mut().zip(&lens) {
-            seg.cache.commit(len);
+        for (seg, r) in segs.iter_mut().zip(&rows) {
+            seg.cache.commit(r.len);
         }
-        self.logits(&x, segs, &lens)
+        self.logits(&x, segs, &rows)
     }
 
     /// A projection over all rows, plus each segment's LoRA delta on its rows.
@@ -162,10 +179,10 @@ impl Model {
         kind: ProjKind,
         x: &Tensor,
         segs: &[Segment],
-        lens: &[usize],
+        spans: &[usize],
     ) -> Result<Tensor> {
         Ok(self
-            .project_many(l, layer, &[kind], x, segs, lens)?
+            .project_many(l, layer, &[kind], x, segs, spans)?
             .remove(0))
     }
 
@@ -177,38 +194,27 @@ impl Model {
         kinds: &[ProjKind],
         x: &Tensor,
         segs: &[Segment],
-        lens: &[usize],
+        spans: &[usize],
     ) -> Result<Vec<Tensor>> {
         let projs: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
-        let mut ys = linear::forward_many(&projs, x)?;
-        let with_lora = |kind: ProjKind| {
-            segs.iter()
-                .any(|s| s.lora.and_then(|set| set.get(l, kind)).is_some())
-        };
-        if !kinds.iter().any(|&k| with_lora(k)) {
-            return Ok(ys);
+        if !has_lora(l, segs, kinds) {
+            return linear::forward_many(&projs, x);
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let width = x.dim(1)?;
-        for (y, &kind) in ys.iter_mut().zip(kinds) {
-            if !with_lora(kind) {
-                continue;
-            }
-            let out = y.dim(1)?;
-            let mut yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
-            let mut offset = 0;
-            for (seg, &len) in segs.iter().zip(lens) {
-                if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
-                    lora.add_to(
-                        &xs[offset * width..(offset + len) * width],
-                        &mut yv[offset * out..(offset + len) * out],
-                    );
+        let (ys, deltas) = rayon::join(
+            || linear::forward_many(&projs, x),
+            || lora_deltas(l, &xs, segs, spans, kinds),
+        );
+        ys?.into_iter()
+            .zip(deltas)
+            .map(|(y, delta)| match delta {
+                None => Ok(y),
+                Some(d) => {
+                    let d = Tensor::from_vec(d, y.shape(), &self.device)?;
+                    Ok((y + d)?)
                 }
-                offset += len;
-            }
-            *y = Tensor::from_vec(yv, (offset, out), &self.device)?;
-        }
-        Ok(ys)
+            })
+            .collect()
     }
 
     fn attention(
@@ -217,9 +223,10 @@ impl Model {
         layer: &Layer,
         h: &Tensor,
         segs: &mut [Segment],
-        lens: &[usize],
+        rows: &[SegRows],
         starts: &[usize],
     ) -> Result<Tensor> {
+        let spans: Vec<usize> = rows.iter().map(|r| r.len + r.branches).collect();
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         // q/k/v become plain rows here anyway (RoPE, the caches): they are
@@ -229,47 +236,70 @@ impl Model {
             .map(|k| &layer.projs[k.index()])
             .collect();
         let hs: Vec<f32> = h.flatten_all()?.to_vec1()?;
-        let [mut q, mut k, mut v]: [Vec<f32>; 3] = linear::forward_many_rows(&qkv, h, &hs)?
+        let kinds = [ProjKind::Q, ProjKind::K, ProjKind::V];
+        let (projected, deltas) = if has_lora(l, segs, &kinds) {
+            let shared: &[Segment] = segs;
+            rayon::join(
+                || linear::forward_many_rows(&qkv, h, &hs),
+                || lora_deltas(l, &hs, shared, &spans, &kinds),
+            )
+        } else {
+            (linear::forward_many_rows(&qkv, h, &hs), Vec::new())
+        };
+        let [mut q, mut k, mut v]: [Vec<f32>; 3] = projected?
             .try_into()
             .map_err(|_| anyhow::anyhow!("q/k/v projection count"))?;
-        add_lora_rows(
-            l,
-            &hs,
-            segs,
-            lens,
-            [
-                (ProjKind::Q, &mut q),
-                (ProjKind::K, &mut k),
-                (ProjKind::V, &mut v),
-            ],
-        );
-        let (mut qo, mut ko) = (0, 0);
-        for ((seg, &len), &start) in segs.iter_mut().zip(lens).zip(starts) {
-            let q_rows = &mut q[qo..qo + len * nh * hd];
-            self.rope.apply(q_rows, nh * hd, hd, start);
-            let k_rows = &mut k[ko..ko + len * nkv * hd];
-            self.rope.apply(k_rows, nkv * hd, hd, start);
-            seg.cache.append(l, k_rows, &v[ko..ko + len * nkv * hd]);
-            qo += len * nh * hd;
-            ko += len * nkv * hd;
+        for (y, delta) in [&mut q, &mut k, &mut v].into_iter().zip(deltas) {
+            if let Some(delta) = delta {
+                y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
+            }
         }
-        let mut qo = 0;
-        let seqs: Vec<AttnSeq> = segs
-            .iter()
-            .zip(lens)
-            .zip(starts)
-            .map(|((seg, &len), &start)| {
-                let cache = seg.cache.layer(l);
-                let s = AttnSeq {
-                    q: &q[qo..qo + len * nh * hd],
+        let (q_row, kv_row) = (nh * hd, nkv * hd);
+        let (mut qo, mut ko) = (0, 0);
+        for ((seg, r), &start) in segs.iter_mut().zip(rows).zip(starts) {
+            let q_rows = &mut q[qo..qo + r.len * q_row];
+            self.rope.apply(q_rows, q_row, hd, start);
+            let k_rows = &mut k[ko..ko + r.len * kv_row];
+            self.rope.apply(k_rows, kv_row, hd, start);
+            seg.cache.append(l, k_rows, &v[ko..ko + r.len * kv_row]);
+            (qo, ko) = (qo + r.len * q_row, ko + r.len * kv_row);
+            // Branch rows all sit at the next position; their keys and
+            // values wait beside the cache.
+            let next = start + r.len;
+            for q_row in q[qo..qo + r.branches * q_row].chunks_exact_mut(q_row) {
+                self.rope.apply(q_row, q_row.len(), hd, next);
+            }
+            let k_rows = &mut k[ko..ko + r.branches * kv_row];
+            for k_row in k_rows.chunks_exact_mut(kv_row) {
+                self.rope.apply(k_row, kv_row, hd, next);
+            }
+            seg.cache
+                .append_branches(l, k_rows, &v[ko..ko + r.branches * kv_row]);
+            (qo, ko) = (qo + r.branches * q_row, ko + r.branches * kv_row);
+        }
+        let (mut qo, mut ko) = (0, 0);
+        let mut seqs: Vec<AttnSeq> = Vec::with_capacity(segs.len());
+        for ((seg, r), &start) in segs.iter().zip(rows).zip(starts) {
+            let cache = seg.cache.layer(l);
+            seqs.push(AttnSeq {
+                q: &q[qo..qo + r.len * q_row],
+                k: &cache.k,
+                v: &cache.v,
+                start,
+                own: None,
+            });
+            (qo, ko) = (qo + r.len * q_row, ko + r.len * kv_row);
+            for _ in 0..r.branches {
+                seqs.push(AttnSeq {
+                    q: &q[qo..qo + q_row],
                     k: &cache.k,
                     v: &cache.v,
-                    start,
-                };
-                qo += len * nh * hd;
-                s
-            })
-            .collect();
+                    start: start + r.len,
+                    own: Some((&k[ko..ko + kv_row], &v[ko..ko + kv_row])),
+                });
+                (qo, ko) = (qo + q_row, ko + kv_row);
+            }
+        }
         let mut out = vec![0f32; q.len()];
         let shape = AttnShape {
             num_heads: nh,
@@ -278,26 +308,28 @@ impl Model {
             sliding_window: cfg.sliding_window,
         };
         attention::attend(&seqs, shape, &mut out);
-        let rows: usize = lens.iter().sum();
-        let out = Tensor::from_vec(out, (rows, nh * hd), &self.device)?;
-        self.project(l, layer, ProjKind::O, &out, segs, lens)
+        let total: usize = spans.iter().sum();
+        let out = Tensor::from_vec(out, (total, nh * hd), &self.device)?;
+        self.project(l, layer, ProjKind::O, &out, segs, &spans)
     }
 
     /// Final norm and head on the rows that need logits, one matmul for all.
-    fn logits(&self, x: &Tensor, segs: &[Segment], lens: &[usize]) -> Result<Vec<Tensor>> {
+    /// A segment's logits: the rows its `Logits` asks for, then one per branch.
+    fn logits(&self, x: &Tensor, segs: &[Segment], rows: &[SegRows]) -> Result<Vec<Tensor>> {
         let mut picked = Vec::new();
         let mut spans = Vec::with_capacity(segs.len());
         let mut offset = 0u32;
-        for (seg, &len) in segs.iter().zip(lens) {
-            let len = len as u32;
-            let rows: Vec<u32> = match seg.logits {
+        for (seg, r) in segs.iter().zip(rows) {
+            let (len, branches) = (r.len as u32, r.branches as u32);
+            let mut wanted: Vec<u32> = match seg.logits {
                 Logits::None => vec![],
                 Logits::Last => vec![offset + len - 1],
                 Logits::All => (offset..offset + len).collect(),
             };
-            spans.push((picked.len(), rows.len()));
-            picked.extend(rows);
-            offset += len;
+            wanted.extend(offset + len..offset + len + branches);
+            spans.push((picked.len(), wanted.len()));
+            picked.extend(wanted);
+            offset += len + branches;
         }
         if picked.is_empty() {
             return Ok(segs
@@ -328,32 +360,57 @@ impl Model {
     }
 }
 
-/// Adds each segment's LoRA deltas to projection outputs held as rows
-/// (xs: the projections' input rows).
-fn add_lora_rows<const N: usize>(
+/// A segment's rows in a step: `len` positions it adds to its cache, then
+/// `branches` candidate rows for the position after them.
+#[derive(Debug, Clone, Copy)]
+struct SegRows {
+    len: usize,
+    branches: usize,
+}
+
+/// Whether any segment's adapter has a LoRA on one of these projections.
+fn has_lora(l: usize, segs: &[Segment], kinds: &[ProjKind]) -> bool {
+    segs.iter().any(|s| {
+        s.lora
+            .is_some_and(|set| kinds.iter().any(|&k| set.get(l, k).is_some()))
+    })
+}
+
+/// Each segment's LoRA deltas on its rows of input `xs` (`spans`: rows per
+/// segment, branches included), per projection kind:
+/// None where no segment has one, else rows × out (zero on other segments'
+/// rows). Callers run this beside the projections' own matmuls (rayon::join),
+/// so the deltas cost no parallel pass of their own: a pass per layer for a
+/// few microseconds of work would let the other compute worker fall asleep
+/// and cost more than the deltas.
+fn lora_deltas(
     l: usize,
     xs: &[f32],
     segs: &[Segment],
-    lens: &[usize],
-    outputs: [(ProjKind, &mut Vec<f32>); N],
-) {
-    use rayon::prelude::*;
-    let rows: usize = lens.iter().sum();
+    spans: &[usize],
+    kinds: &[ProjKind],
+) -> Vec<Option<Vec<f32>>> {
+    let rows: usize = spans.iter().sum();
     let width = xs.len() / rows.max(1);
-    // On the compute pool, one projection per worker: serial work here
-    // would let the other workers fall asleep between the layer's matmuls,
-    // and waking them costs more than the deltas themselves.
-    outputs.into_par_iter().for_each(|(kind, y)| {
-        let out = y.len() / rows.max(1);
-        let mut offset = 0;
-        for (seg, &len) in segs.iter().zip(lens) {
-            if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
-                lora.add_to(
-                    &xs[offset * width..(offset + len) * width],
-                    &mut y[offset * out..(offset + len) * out],
-                );
+    kinds
+        .iter()
+        .map(|&kind| {
+            let out = segs
+                .iter()
+                .find_map(|s| s.lora.and_then(|set| set.get(l, kind)))?
+                .out_dim();
+            let mut delta = vec![0f32; rows * out];
+            let mut offset = 0;
+            for (seg, &len) in segs.iter().zip(spans) {
+                if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
+                    lora.add_to(
+                        &xs[offset * width..(offset + len) * width],
+                        &mut delta[offset * out..(offset + len) * out],
+                    );
+                }
+                offset += len;
             }
-            offset += len;
-        }
-    });
+            Some(delta)
+        })
+        .collect()
 }

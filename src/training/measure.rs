@@ -66,6 +66,7 @@ impl Measurement<'_> {
             lora: w.lora.as_ref(),
             extra_head: with_steering_logits.then_some(&w.head),
             logits: Logits::Last,
+            branches: None,
         }])?;
         Ok(out[0].flatten_all()?.to_vec1()?)
     }
