@@ -452,6 +452,7 @@ pub fn write_test_adapter(
             targets: vec!["q_proj".into(), "v_proj".into()],
             dropout: 0.0,
         }),
+        prior_calibration: None,
         training: serde_json::json!({"made_by": "steerling::testing"}),
     };
     std::fs::write(

@@ -402,7 +402,7 @@ impl Scheduler {
         };
         if seq.awaiting_draw() {
             let steering = seq.request.steering.as_mut().expect("steered");
-            let prior = super::sampling::softmax(&last[vocab..]);
+            let prior = steering.adapter.config.prior(&last[vocab..]);
             let value = (steering.draw)(&prior);
             seq.tokens.push(steering.adapter.token_id(value));
             seq.hidden += 1;

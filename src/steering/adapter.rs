@@ -82,6 +82,18 @@ pub struct LoraConfig {
     pub dropout: f64,
 }
 
+/// An affine map of the steering logits before the softmax that gives the
+/// prior: `softmax(scale · z + bias)`. Training fits it on its prompts
+/// (temperature and bias scaling), which corrects a prior that the weights
+/// alone leave compressed toward the middle or shifted. Absent: scale 1, no bias.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct PriorCalibration {
+    pub scale: f64,
+    /// Per value name; missing values get 0.
+    #[serde(default)]
+    pub bias: BTreeMap<String, f64>,
+}
+
 /// adapter.json
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AdapterConfig {
@@ -94,6 +106,8 @@ pub struct AdapterConfig {
     pub detection: Detection,
     pub targets: Targets,
     pub lora: Option<LoraConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_calibration: Option<PriorCalibration>,
     /// How the adapter was made (data, steps, losses, held-out error).
     #[serde(default)]
     pub training: serde_json::Value,
@@ -137,6 +151,20 @@ impl AdapterConfig {
         for (ctx, d) in &self.targets.contexts {
             ensure!(!ctx.trim().is_empty(), "a context name is empty");
             self.check_distribution(&format!("targets.contexts.{ctx}"), d)?;
+        }
+        if let Some(c) = &self.prior_calibration {
+            ensure!(
+                c.scale.is_finite() && c.scale > 0.0,
+                "prior_calibration.scale = {} must be a positive number",
+                c.scale
+            );
+            for (name, b) in &c.bias {
+                ensure!(
+                    self.value_index(name).is_some(),
+                    "prior_calibration.bias names unknown value `{name}`"
+                );
+                ensure!(b.is_finite(), "prior_calibration.bias.{name} is not finite");
+            }
         }
         if let Some(lora) = &self.lora {
             ensure!(lora.rank > 0, "lora.rank must be positive");
@@ -185,6 +213,22 @@ impl AdapterConfig {
             .iter()
             .map(|v| d.get(&v.name).copied().unwrap_or(0.0))
             .collect()
+    }
+
+    /// The prior over values from the K steering logits (calibrated, when
+    /// the adapter has a calibration).
+    pub fn prior(&self, logits: &[f32]) -> Vec<f64> {
+        let Some(c) = &self.prior_calibration else {
+            return crate::engine::sampling::softmax(logits);
+        };
+        let scaled: Vec<f32> = logits
+            .iter()
+            .zip(&self.attribute.values)
+            .map(|(&z, v)| {
+                (c.scale * z as f64 + c.bias.get(&v.name).copied().unwrap_or(0.0)) as f32
+            })
+            .collect();
+        crate::engine::sampling::softmax(&scaled)
     }
 
     /// The target for a context (`default` when it has none of its own).

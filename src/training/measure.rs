@@ -4,9 +4,9 @@
 //! whether greedy answers show the drawn value.
 
 use super::batch::Prepared;
-use crate::engine::sampling::{argmax, softmax};
+use crate::engine::sampling::argmax;
 use crate::model::{KvCache, Logits, Model, Segment};
-use crate::steering::adapter::AdapterWeights;
+use crate::steering::adapter::{AdapterConfig, AdapterWeights};
 use crate::steering::detect::Detector;
 use crate::steering::Detected;
 use crate::tokenizer::Tokenizer;
@@ -34,8 +34,9 @@ pub(super) struct Measured {
 }
 
 impl Measurement<'_> {
-    pub(super) fn run(&self, w: &AdapterWeights) -> Result<Measured> {
-        let (mae, kl) = self.prior_error(w)?;
+    /// `config` gives the prior's calibration, if any.
+    pub(super) fn run(&self, w: &AdapterWeights, config: &AdapterConfig) -> Result<Measured> {
+        let (mae, kl) = self.prior_error(w, config)?;
         Ok(Measured {
             mae,
             kl,
@@ -73,18 +74,37 @@ impl Measurement<'_> {
 
     /// The prior over values at each measured prompt: mean MAE and mean KL
     /// against the prompts' targets.
-    fn prior_error(&self, w: &AdapterWeights) -> Result<(f64, f64)> {
-        let (model, k) = (self.model, self.prep.steer_ids.len());
+    pub(super) fn prior_error(
+        &self,
+        w: &AdapterWeights,
+        config: &AdapterConfig,
+    ) -> Result<(f64, f64)> {
         let (mut mae, mut kl) = (0.0, 0.0);
-        for (ids, target) in self.prompts() {
-            let mut cache = model.new_cache();
-            let row = self.step(w, &mut cache, model.embed_tokens(ids)?, true)?;
-            let prior = softmax(&row[row.len() - k..]);
+        let logits = self.steering_logits(w, self.prompts())?;
+        for (z, (_, target)) in logits.iter().zip(self.prompts()) {
+            let prior = config.prior(z);
             mae += crate::monitor::stats::mae(target, &prior);
             kl += crate::monitor::stats::kl(target, &prior);
         }
         let n = self.prompts().len().max(1) as f64;
         Ok((mae / n, kl / n))
+    }
+
+    /// The K steering logits at the end of each prompt.
+    pub(super) fn steering_logits(
+        &self,
+        w: &AdapterWeights,
+        prompts: &[(Vec<u32>, Vec<f64>)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (model, k) = (self.model, self.prep.steer_ids.len());
+        prompts
+            .iter()
+            .map(|(ids, _)| {
+                let mut cache = model.new_cache();
+                let row = self.step(w, &mut cache, model.embed_tokens(ids)?, true)?;
+                Ok(row[row.len() - k..].to_vec())
+            })
+            .collect()
     }
 
     /// For each value: the share of greedy answers (steering token placed

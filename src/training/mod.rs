@@ -3,6 +3,7 @@
 //! loop build on these.
 
 mod batch;
+pub mod calibration;
 pub mod data;
 pub mod jobs;
 pub mod losses;

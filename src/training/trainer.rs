@@ -47,6 +47,9 @@ pub struct TrainConfig {
     /// Tokens generated greedily per (held-out prompt, value) to measure
     /// detection consistency after training (0 skips it).
     pub consistency_tokens: usize,
+    /// Fit the prior's calibration (a scale and per-value biases on the
+    /// steering logits) on the training prompts after stage 2.
+    pub calibrate: bool,
     pub seed: u64,
 }
 
@@ -69,6 +72,7 @@ impl Default for TrainConfig {
             lambda_undesirable: 1.0,
             max_len: 192,
             consistency_tokens: 48,
+            calibrate: true,
             seed: 0,
         }
     }
@@ -162,11 +166,10 @@ pub fn train(
         names: &names,
         max_new: cfg.consistency_tokens,
     };
-    let measure = |tr: &Trainable| measurement.run(&served_weights(tr, &config, model)?);
     if !progress(&Progress::measuring(0, total, f64::NAN, 0.0)) {
         anyhow::bail!("cancelled");
     }
-    let before = measure(&tr)?;
+    let before = measurement.run(&served_weights(&tr, &config, model)?, &config)?;
     let start = Instant::now();
     let mut optimizer = candle_nn::AdamW::new(
         tr.vars(),
@@ -248,7 +251,12 @@ pub fn train(
     if !progress(&Progress::measuring(total, total, last.0, elapsed)) {
         anyhow::bail!("cancelled");
     }
-    let after = measure(&tr)?;
+    let weights = served_weights(&tr, &config, model)?;
+    let (uncalibrated_mae, _) = measurement.prior_error(&weights, &config)?;
+    if cfg.calibrate {
+        config.prior_calibration = Some(calibrate(&measurement, &weights, &prep, &names)?);
+    }
+    let after = measurement.run(&weights, &config)?;
     config.training = serde_json::json!({
         "method": "SFT, then KL + KTO against the stage-1 adapter (arXiv 2604.05756)",
         "settings": cfg,
@@ -258,6 +266,7 @@ pub fn train(
         "final_kto": last.2,
         "held_out_prior_mae_before": before.mae,
         "held_out_prior_mae": after.mae,
+        "held_out_prior_mae_uncalibrated": uncalibrated_mae,
         "held_out_prior_kl_before": before.kl,
         "held_out_prior_kl": after.kl,
         "greedy_consistency_before": before.consistency,
@@ -268,6 +277,23 @@ pub fn train(
         config,
         tensors: export(&tr, model.config.tie_word_embeddings)?,
         data: report,
+    })
+}
+
+/// The prior's calibration, fitted on the training prompts' steering logits
+/// as served (see `calibration`).
+fn calibrate(
+    measurement: &Measurement,
+    weights: &crate::steering::adapter::AdapterWeights,
+    prep: &super::batch::Prepared,
+    names: &[String],
+) -> Result<PriorCalibration> {
+    let logits = measurement.steering_logits(weights, &prep.prompts)?;
+    let targets: Vec<Vec<f64>> = prep.prompts.iter().map(|(_, t)| t.clone()).collect();
+    let (scale, bias) = super::calibration::fit(&logits, &targets);
+    Ok(PriorCalibration {
+        scale,
+        bias: names.iter().cloned().zip(bias).collect(),
     })
 }
 
@@ -329,6 +355,7 @@ pub fn adapter_config(
             targets: cfg.targets.clone(),
             dropout: cfg.dropout as f64,
         }),
+        prior_calibration: None,
         training: serde_json::Value::Null,
     }
 }
