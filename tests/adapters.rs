@@ -143,6 +143,20 @@ async fn damaged_adapters_are_refused_with_the_reason() {
             }),
             "missing tensor `lora.1.v_proj.b`",
         ),
+        (
+            "calscale",
+            Box::new(|p| edit_json(p, |v| v["prior_calibration"] = json!({"scale": -1.0}))),
+            "prior_calibration.scale = -1 must be a positive number",
+        ),
+        (
+            "calbias",
+            Box::new(|p| {
+                edit_json(p, |v| {
+                    v["prior_calibration"] = json!({"scale": 1.0, "bias": {"v9": 0.5}})
+                })
+            }),
+            "prior_calibration.bias names unknown value `v9`",
+        ),
     ];
     for (name, damage, expect) in cases {
         let path = fx.write(name, &TestAdapter::default());

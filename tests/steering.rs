@@ -110,6 +110,61 @@ async fn prior_and_target_policies_match_their_distributions() {
     }
 }
 
+/// An adapter's prior calibration is what the draw uses: the same weights
+/// with `scale` s and biases b give softmax(s·z + b), i.e. the uncalibrated
+/// prior raised to s, times e^b, renormalized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_draw_uses_the_calibrated_prior() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = load_model(&ModelSource::Gguf(common::tiny_gguf()), 256).unwrap();
+    let spec = TestAdapter {
+        head_scale: 0.05,
+        ..Default::default()
+    };
+    for name in ["raw", "cal"] {
+        write_test_adapter(
+            dir.path(),
+            name,
+            &loaded.model.config,
+            &loaded.sha256,
+            &spec,
+        )
+        .unwrap();
+    }
+    let config = dir.path().join("cal/adapter.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["prior_calibration"] = json!({"scale": 2.0, "bias": {"v0": 0.5, "v1": -0.5}});
+    std::fs::write(&config, v.to_string()).unwrap();
+    let s = TestServer::start(Options {
+        adapters: Some(dir.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let mut priors = Vec::new();
+    for name in ["raw", "cal"] {
+        let body = json!({"model": name, "prompt": "The nurse said", "max_tokens": 1,
+                          "steering": {"return": true}});
+        let c = &complete(&s, body).await["choices"][0]["steering"]["prior"];
+        priors.push([c["v0"].as_f64().unwrap(), c["v1"].as_f64().unwrap()]);
+    }
+    let [raw, cal] = [priors[0], priors[1]];
+    let unnormalized = [
+        raw[0].powi(2) * 0.5f64.exp(),
+        raw[1].powi(2) * (-0.5f64).exp(),
+    ];
+    let total: f64 = unnormalized.iter().sum();
+    for k in 0..2 {
+        assert!(
+            (cal[k] - unnormalized[k] / total).abs() < 1e-6,
+            "raw {raw:?}, calibrated {cal:?}"
+        );
+    }
+    assert!(
+        (cal[0] - raw[0]).abs() > 0.05,
+        "the calibration changes the prior"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balanced_keeps_counts_within_one_at_every_step() {
     let targets: [&[f64]; 3] = [
