@@ -95,19 +95,10 @@ pub struct AttnSeq<'a> {
     pub own: Option<(&'a [f32], &'a [f32])>,
 }
 
-impl AttnSeq<'_> {
-    /// Key or value row `g` at position t.
-    #[inline]
-    fn kv(&self, value: bool, t: usize, kv_row: usize, g: usize, head_dim: usize) -> &[f32] {
-        let rows = match self.own {
-            Some((k, v)) if t == self.start => {
-                return &(if value { v } else { k })[g * head_dim..][..head_dim]
-            }
-            _ if value => self.v,
-            _ => self.k,
-        };
-        &rows[t * kv_row + g * head_dim..][..head_dim]
-    }
+thread_local! {
+    /// Attention scores of one (row, head), reused: one allocation per
+    /// thread instead of one per row and head.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Computes softmax(q·kᵀ/√d)·v for every (row, head) of every sequence, causal.
@@ -137,19 +128,40 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
         let pos = seq.start + i;
         let lo = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let g = h / group;
-        let mut scores: Vec<f32> = (lo..=pos)
-            .map(|t| dot(q, seq.kv(false, t, kv_row, g, head_dim)) * scale)
-            .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        o.fill(0.0);
-        for (t, p) in (lo..=pos).zip(&scores) {
-            axpy(p / sum, seq.kv(true, t, kv_row, g, head_dim), o);
-        }
+        let head = |rows: &[f32], t: usize| -> std::ops::Range<usize> {
+            let start = t * kv_row + g * head_dim;
+            debug_assert!(start + head_dim <= rows.len());
+            start..start + head_dim
+        };
+        // Positions lo..=pos come from the cache, except a branch row's own
+        // position, whose key and value it brings.
+        let cached_end = if seq.own.is_some() { pos } else { pos + 1 };
+        let own = seq.own.map(|(k, v)| {
+            (
+                &k[g * head_dim..][..head_dim],
+                &v[g * head_dim..][..head_dim],
+            )
+        });
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.extend((lo..cached_end).map(|t| dot(q, &seq.k[head(seq.k, t)]) * scale));
+            if let Some((k, _)) = own {
+                scores.push(dot(q, k) * scale);
+            }
+            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in scores.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            o.fill(0.0);
+            for (t, p) in (lo..cached_end).zip(scores.iter()) {
+                axpy(p / sum, &seq.v[head(seq.v, t)], o);
+            }
+            if let (Some((_, v)), Some(p)) = (own, scores.last()) {
+                axpy(p / sum, v, o);
+            }
+        });
     };
     // Query rows × keys attended, roughly: below a few thousand, waking
     // another thread costs more than the work.
@@ -173,7 +185,7 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
 
 /// Dot product with eight independent accumulators, so it vectorizes.
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
