@@ -336,8 +336,8 @@ impl Scheduler {
             let drawing = adapter.filter(|_| completes_prompt && seq.awaiting_draw());
             let extra_head = drawing.map(|a| &a.weights.head);
             let branches = drawing
-                .map(|a| &a.weights.embed)
-                .filter(|rows| rows.dim(0).is_ok_and(|k| k <= MAX_BRANCHES));
+                .filter(|a| a.config.attribute.values.len() <= MAX_BRANCHES)
+                .map(|a| &a.weights.embed);
             segments.push(Segment {
                 embeds,
                 cache: &mut seq.cache,

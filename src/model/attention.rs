@@ -51,6 +51,14 @@ impl Rope {
         }
     }
 
+    /// Rotates every head of `rows` as at position `pos`, all of them (the
+    /// candidates of branch rows share one position).
+    pub fn apply_at(&self, rows: &mut [f32], head_dim: usize, pos: usize) {
+        for head in rows.chunks_exact_mut(head_dim) {
+            self.rotate(head, pos);
+        }
+    }
+
     fn rotate(&self, head: &mut [f32], pos: usize) {
         let c = &self.cos[pos * self.half..(pos + 1) * self.half];
         let s = &self.sin[pos * self.half..(pos + 1) * self.half];
@@ -128,9 +136,9 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
         let pos = seq.start + i;
         let lo = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let g = h / group;
-        let head = |rows: &[f32], t: usize| -> std::ops::Range<usize> {
+        // Where head group g of position t lies in a cached key or value row.
+        let head = |t: usize| {
             let start = t * kv_row + g * head_dim;
-            debug_assert!(start + head_dim <= rows.len());
             start..start + head_dim
         };
         // Positions lo..=pos come from the cache, except a branch row's own
@@ -144,7 +152,7 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
         });
         SCORES.with_borrow_mut(|scores| {
             scores.clear();
-            scores.extend((lo..cached_end).map(|t| dot(q, &seq.k[head(seq.k, t)]) * scale));
+            scores.extend((lo..cached_end).map(|t| dot(q, &seq.k[head(t)]) * scale));
             if let Some((k, _)) = own {
                 scores.push(dot(q, k) * scale);
             }
@@ -156,7 +164,7 @@ pub fn attend(seqs: &[AttnSeq], shape: AttnShape, out: &mut [f32]) {
             }
             o.fill(0.0);
             for (t, p) in (lo..cached_end).zip(scores.iter()) {
-                axpy(p / sum, &seq.v[head(seq.v, t)], o);
+                axpy(p / sum, &seq.v[head(t)], o);
             }
             if let (Some((_, v)), Some(p)) = (own, scores.last()) {
                 axpy(p / sum, v, o);

@@ -137,10 +137,11 @@ impl Model {
         for (seg, &start) in segs.iter_mut().zip(starts) {
             seg.cache.clear_branches();
             let r = SegRows {
+                start,
                 len: seg.embeds.dim(0)?,
                 branches: seg.branches.map_or(Ok(0), |b| b.dim(0))?,
             };
-            let positions = start + r.len + usize::from(r.branches > 0);
+            let positions = r.start + r.len + usize::from(r.branches > 0);
             ensure!(
                 positions <= self.max_positions(),
                 "sequence of {positions} positions exceeds the context of {}",
@@ -157,7 +158,7 @@ impl Model {
         let spans: Vec<usize> = rows.iter().map(|r| r.len + r.branches).collect();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(l, layer, &h, segs, &rows, starts)?;
+            let attn = self.attention(l, layer, &h, segs, &rows, &spans)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, cfg.rms_norm_eps as f32)?;
             let gate_up =
@@ -224,9 +225,8 @@ impl Model {
         h: &Tensor,
         segs: &mut [Segment],
         rows: &[SegRows],
-        starts: &[usize],
+        spans: &[usize],
     ) -> Result<Tensor> {
-        let spans: Vec<usize> = rows.iter().map(|r| r.len + r.branches).collect();
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         // q/k/v become plain rows here anyway (RoPE, the caches): they are
@@ -241,7 +241,7 @@ impl Model {
             let shared: &[Segment] = segs;
             rayon::join(
                 || linear::forward_many_rows(&qkv, h, &hs),
-                || lora_deltas(l, &hs, shared, &spans, &kinds),
+                || lora_deltas(l, &hs, shared, spans, &kinds),
             )
         } else {
             (linear::forward_many_rows(&qkv, h, &hs), Vec::new())
@@ -256,7 +256,8 @@ impl Model {
         }
         let (q_row, kv_row) = (nh * hd, nkv * hd);
         let (mut qo, mut ko) = (0, 0);
-        for ((seg, r), &start) in segs.iter_mut().zip(rows).zip(starts) {
+        for (seg, r) in segs.iter_mut().zip(rows) {
+            let start = r.start;
             let q_rows = &mut q[qo..qo + r.len * q_row];
             self.rope.apply(q_rows, q_row, hd, start);
             let k_rows = &mut k[ko..ko + r.len * kv_row];
@@ -266,21 +267,18 @@ impl Model {
             // Branch rows all sit at the next position; their keys and
             // values wait beside the cache.
             let next = start + r.len;
-            for q_row in q[qo..qo + r.branches * q_row].chunks_exact_mut(q_row) {
-                self.rope.apply(q_row, q_row.len(), hd, next);
-            }
+            self.rope
+                .apply_at(&mut q[qo..qo + r.branches * q_row], hd, next);
             let k_rows = &mut k[ko..ko + r.branches * kv_row];
-            for k_row in k_rows.chunks_exact_mut(kv_row) {
-                self.rope.apply(k_row, kv_row, hd, next);
-            }
+            self.rope.apply_at(k_rows, hd, next);
             seg.cache
                 .append_branches(l, k_rows, &v[ko..ko + r.branches * kv_row]);
             (qo, ko) = (qo + r.branches * q_row, ko + r.branches * kv_row);
         }
         let (mut qo, mut ko) = (0, 0);
         let mut seqs: Vec<AttnSeq> = Vec::with_capacity(segs.len());
-        for ((seg, r), &start) in segs.iter().zip(rows).zip(starts) {
-            let cache = seg.cache.layer(l);
+        for (seg, r) in segs.iter().zip(rows) {
+            let (cache, start) = (seg.cache.layer(l), r.start);
             seqs.push(AttnSeq {
                 q: &q[qo..qo + r.len * q_row],
                 k: &cache.k,
@@ -310,7 +308,7 @@ impl Model {
         attention::attend(&seqs, shape, &mut out);
         let total: usize = spans.iter().sum();
         let out = Tensor::from_vec(out, (total, nh * hd), &self.device)?;
-        self.project(l, layer, ProjKind::O, &out, segs, &spans)
+        self.project(l, layer, ProjKind::O, &out, segs, spans)
     }
 
     /// Final norm and head on the rows that need logits, one matmul for all.
@@ -360,10 +358,12 @@ impl Model {
     }
 }
 
-/// A segment's rows in a step: `len` positions it adds to its cache, then
+/// A segment's rows in a step: `len` positions from `start` (the positions
+/// its cache held before the step) that it adds to its cache, then
 /// `branches` candidate rows for the position after them.
 #[derive(Debug, Clone, Copy)]
 struct SegRows {
+    start: usize,
     len: usize,
     branches: usize,
 }

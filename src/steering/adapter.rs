@@ -86,7 +86,7 @@ pub struct LoraConfig {
 /// prior: `softmax(scale · z + bias)`. Training fits it on its prompts
 /// (temperature and bias scaling), which corrects a prior that the weights
 /// alone leave compressed toward the middle or shifted. Absent: scale 1, no bias.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PriorCalibration {
     pub scale: f64,
     /// Per value name; missing values get 0.

@@ -4,7 +4,7 @@
 //! whether greedy answers show the drawn value.
 
 use super::batch::Prepared;
-use crate::engine::sampling::argmax;
+use crate::engine::sampling::{argmax, softmax};
 use crate::model::{KvCache, Logits, Model, Segment};
 use crate::steering::adapter::{AdapterConfig, AdapterWeights};
 use crate::steering::detect::Detector;
@@ -29,6 +29,8 @@ pub(super) struct Measured {
     /// Mean MAE and KL of the prior against the targets.
     pub(super) mae: f64,
     pub(super) kl: f64,
+    /// The MAE of the softmax of the same logits, without the calibration.
+    pub(super) uncalibrated_mae: f64,
     /// Per value and overall (null when no tokens were asked for).
     pub(super) consistency: serde_json::Value,
 }
@@ -36,10 +38,13 @@ pub(super) struct Measured {
 impl Measurement<'_> {
     /// `config` gives the prior's calibration, if any.
     pub(super) fn run(&self, w: &AdapterWeights, config: &AdapterConfig) -> Result<Measured> {
-        let (mae, kl) = self.prior_error(w, config)?;
+        let logits = self.steering_logits(w, self.prompts())?;
+        let (mae, kl) = self.prior_error(&logits, |z| config.prior(z));
+        let (uncalibrated_mae, _) = self.prior_error(&logits, softmax);
         Ok(Measured {
             mae,
             kl,
+            uncalibrated_mae,
             consistency: self.greedy_consistency(w)?,
         })
     }
@@ -72,22 +77,17 @@ impl Measurement<'_> {
         Ok(out[0].flatten_all()?.to_vec1()?)
     }
 
-    /// The prior over values at each measured prompt: mean MAE and mean KL
-    /// against the prompts' targets.
-    pub(super) fn prior_error(
-        &self,
-        w: &AdapterWeights,
-        config: &AdapterConfig,
-    ) -> Result<(f64, f64)> {
+    /// Mean MAE and mean KL against the measured prompts' targets of the
+    /// prior that `prior` makes from each prompt's steering logits.
+    fn prior_error(&self, logits: &[Vec<f32>], prior: impl Fn(&[f32]) -> Vec<f64>) -> (f64, f64) {
         let (mut mae, mut kl) = (0.0, 0.0);
-        let logits = self.steering_logits(w, self.prompts())?;
         for (z, (_, target)) in logits.iter().zip(self.prompts()) {
-            let prior = config.prior(z);
+            let prior = prior(z);
             mae += crate::monitor::stats::mae(target, &prior);
             kl += crate::monitor::stats::kl(target, &prior);
         }
         let n = self.prompts().len().max(1) as f64;
-        Ok((mae / n, kl / n))
+        (mae / n, kl / n)
     }
 
     /// The K steering logits at the end of each prompt.

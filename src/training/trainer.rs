@@ -252,7 +252,6 @@ pub fn train(
         anyhow::bail!("cancelled");
     }
     let weights = served_weights(&tr, &config, model)?;
-    let (uncalibrated_mae, _) = measurement.prior_error(&weights, &config)?;
     if cfg.calibrate {
         config.prior_calibration = Some(calibrate(&measurement, &weights, &prep, &names)?);
     }
@@ -266,7 +265,7 @@ pub fn train(
         "final_kto": last.2,
         "held_out_prior_mae_before": before.mae,
         "held_out_prior_mae": after.mae,
-        "held_out_prior_mae_uncalibrated": uncalibrated_mae,
+        "held_out_prior_mae_uncalibrated": after.uncalibrated_mae,
         "held_out_prior_kl_before": before.kl,
         "held_out_prior_kl": after.kl,
         "greedy_consistency_before": before.consistency,
