@@ -11,6 +11,7 @@ mod kv_cache;
 pub mod linear;
 mod load;
 mod qmatmul;
+mod vecmath;
 
 pub use config::{ModelConfig, RopeStyle};
 pub use kv_cache::KvCache;
@@ -163,7 +164,7 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, cfg.rms_norm_eps as f32)?;
             let gate_up =
                 self.project_many(l, layer, &[ProjKind::Gate, ProjKind::Up], &h, segs, &spans)?;
-            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
+            let act = vecmath::silu_mul(&gate_up[0], &gate_up[1])?;
             x = (x + self.project(l, layer, ProjKind::Down, &act, segs, &spans)?)?;
         }
         for (seg, r) in segs.iter_mut().zip(&rows) {

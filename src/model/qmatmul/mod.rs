@@ -257,7 +257,7 @@ fn forward_rows_with(
             bail!("matmul input has {k} columns, weight expects {}", mat.cols);
         }
     }
-    let acts: Vec<BlockQ8> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
+    let acts = quantize_rows(xs);
     let rows: Vec<&[BlockQ8]> = acts.chunks_exact(k / BLOCK).collect();
     // Tasks of up to 256 weight rows (a multiple of 8), several per thread.
     let threads = rayon::current_num_threads();
@@ -285,6 +285,19 @@ fn forward_rows_with(
         }
     }
     Ok(outs)
+}
+
+/// Quantizes activations block by block; in parallel when there are enough
+/// blocks to be worth waking another thread (a batch, not one row).
+fn quantize_rows(xs: &[f32]) -> Vec<BlockQ8> {
+    const PARALLEL_FROM_BLOCKS: usize = 256;
+    if xs.len() / BLOCK < PARALLEL_FROM_BLOCKS {
+        return xs.chunks_exact(BLOCK).map(quantize_block).collect();
+    }
+    xs.par_chunks_exact(BLOCK)
+        .with_min_len(PARALLEL_FROM_BLOCKS / 4)
+        .map(quantize_block)
+        .collect()
 }
 
 /// Weight rows one at a time, four activation rows per kernel call.
@@ -413,7 +426,13 @@ fn quantize_block(x: &[f32]) -> BlockQ8 {
     }
     let mut qs = [0i8; BLOCK];
     for (q, r) in qs.iter_mut().zip(&rounded) {
-        *q = *r as i8;
+        // |r| ≤ 127 already; the clamp also turns NaN into a number, so the
+        // unchecked conversion (one vector instruction, where `as` is a
+        // saturating scalar sequence per element) is sound.
+        #[allow(clippy::manual_clamp)] // clamp would keep NaN
+        let r = r.max(-127.0).min(127.0);
+        // SAFETY: r is finite and within i32 (see above).
+        *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
     }
     let sum: i32 = qs.iter().map(|&q| q as i32).sum();
     let qu = qs.map(|q| (q as i16 + 128) as u8);
