@@ -259,32 +259,67 @@ fn forward_rows_with(
     }
     let acts = quantize_rows(xs);
     let rows: Vec<&[BlockQ8]> = acts.chunks_exact(k / BLOCK).collect();
-    // Tasks of up to 256 weight rows (a multiple of 8), several per thread.
+    // Tasks of up to 256 weight rows (a multiple of 16, so the 512-bit
+    // kernels never fall back to eight rows mid-matrix), several per thread.
     let threads = rayon::current_num_threads();
     let mut tasks = Vec::new();
     for (mi, mat) in mats.iter().enumerate() {
-        let per_task = (mat.rows / (threads * 8)).clamp(8, 256).next_multiple_of(8);
+        let per_task = (mat.rows / (threads * 8)).clamp(16, 256).next_multiple_of(16);
         for first in (0..mat.rows).step_by(per_task) {
             tasks.push((mi, first, per_task.min(mat.rows - first)));
         }
     }
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(mi, first, cols)| {
-            let mut local = vec![0f32; m * cols];
-            mats[mi].fill(kernel, &rows, first, cols, &mut local);
-            local
-        })
-        .collect();
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|mat| vec![0f32; m * mat.rows]).collect();
-    for (&(mi, first, cols), local) in tasks.iter().zip(&results) {
-        let n = mats[mi].rows;
-        for r in 0..m {
-            outs[mi][r * n + first..r * n + first + cols]
-                .copy_from_slice(&local[r * cols..(r + 1) * cols]);
+    let targets: Vec<OutColumns> = outs.iter_mut().map(|o| OutColumns::new(o)).collect();
+    tasks.par_iter().for_each(|&(mi, first, cols)| {
+        LOCAL.with_borrow_mut(|local| {
+            local.clear();
+            local.resize(m * cols, 0.0);
+            mats[mi].fill(kernel, &rows, first, cols, local);
+            let n = mats[mi].rows;
+            for (r, row) in local.chunks_exact(cols).enumerate() {
+                // SAFETY: tasks cover disjoint column ranges of each output,
+                // so no two write the same floats; r·n + first + cols ≤ m·n.
+                unsafe { targets[mi].write(r * n + first, row) };
+            }
+        });
+    });
+    Ok(outs)
+}
+
+thread_local! {
+    /// A task's outputs before they go to their columns, reused.
+    static LOCAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An output matrix that parallel tasks fill, each its own columns: the
+/// copy happens inside the tasks instead of after them on one thread.
+struct OutColumns {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: see `write`: callers write disjoint ranges while the output is
+// borrowed by `forward_rows_with` and nothing reads it.
+unsafe impl Sync for OutColumns {}
+
+impl OutColumns {
+    fn new(out: &mut [f32]) -> Self {
+        Self {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
         }
     }
-    Ok(outs)
+
+    /// Copies `values` to `at..at + values.len()`.
+    ///
+    /// # Safety
+    /// No other thread may write or read that range meanwhile.
+    unsafe fn write(&self, at: usize, values: &[f32]) {
+        assert!(at + values.len() <= self.len, "output range out of bounds");
+        // SAFETY: in bounds (asserted) and exclusive (the caller's promise).
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(at), values.len()) };
+    }
 }
 
 /// Quantizes activations block by block; in parallel when there are enough
