@@ -24,6 +24,11 @@ pub struct BenchArgs {
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub batch: Vec<usize>,
+    /// Decode runs per batch size. Rounds go through the batch sizes in
+    /// turn, so every size sees the same machine conditions; each size's
+    /// median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
     /// Skip the candle-transformers baseline.
     #[arg(long)]
     pub no_baseline: bool,
@@ -75,18 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         prompt.len() as f64 / prefill.as_secs_f64()
     );
     let short = &prompt[..16];
-    let mut single = None;
-    for &b in &args.batch {
-        let (_, decode) = run_batch(&engine, short, b, args.decode_tokens)?;
-        let tps = (b * (args.decode_tokens - 1)) as f64 / decode.as_secs_f64();
-        let ratio = single
-            .map(|s: f64| format!(" ({:.2}x batch 1)", tps / s))
-            .unwrap_or_default();
-        println!("decode batch {b:>2}: {tps:.1} tokens/s{ratio}");
-        if b == 1 {
-            single = Some(tps);
-        }
-    }
+    let single = decode_rounds(&engine, short, &args)?;
     if let Some(name) = &args.steering {
         steering_cost(
             &engine,
@@ -113,6 +107,51 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Decode tokens/s at each batch size, `args.rounds` runs each, interleaved.
+/// Prints each size's median, and against batch 1 the ratio of medians and
+/// the range of the per-round ratios. Returns batch 1's median.
+fn decode_rounds(engine: &Engine, prompt: &[u32], args: &BenchArgs) -> Result<Option<f64>> {
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); args.batch.len()];
+    for _ in 0..args.rounds.max(1) {
+        for (&b, runs) in args.batch.iter().zip(&mut runs) {
+            let (_, decode) = run_batch(engine, prompt, b, args.decode_tokens)?;
+            runs.push((b * (args.decode_tokens - 1)) as f64 / decode.as_secs_f64());
+        }
+    }
+    let single = args.batch.iter().position(|&b| b == 1).map(|i| &runs[i]);
+    for (&b, runs) in args.batch.iter().zip(&runs) {
+        let tps = median(runs);
+        let ratio = match single {
+            Some(single) if b != 1 => {
+                let per_round: Vec<f64> = runs.iter().zip(single).map(|(r, s)| r / s).collect();
+                let lo = per_round.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = per_round.iter().cloned().fold(0.0, f64::max);
+                format!(" ({:.2}x batch 1; per round {lo:.2}-{hi:.2}x)", tps / median(single))
+            }
+            _ => String::new(),
+        };
+        println!(
+            "decode batch {b:>2}: {tps:.1} tokens/s, median of {}{ratio}",
+            runs.len()
+        );
+    }
+    Ok(single.map(|s| median(s)))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Runs `batch` greedy sequences to `tokens` tokens each. Returns the time to

@@ -362,7 +362,7 @@ fn by_group(
     first: usize,
     cols: usize,
     out: &mut [f32],
-    pair: Option<impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 16]; 4]>,
+    pair: Option<impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 16]; 8]>,
     single: impl Fn(usize, &[&[BlockQ8]]) -> [[f32; 8]; 4],
 ) {
     let groups = cols / 8;
@@ -373,8 +373,13 @@ fn by_group(
         } else {
             8
         };
-        for (start, rows) in (0..acts.len()).step_by(4).zip(acts.chunks(4)) {
-            let mut lanes = [[0f32; 16]; 4];
+        // The sixteen-row kernels take up to eight activation rows per call.
+        let per_call = if width == 16 { 8 } else { 4 };
+        for (start, rows) in (0..acts.len())
+            .step_by(per_call)
+            .zip(acts.chunks(per_call))
+        {
+            let mut lanes = [[0f32; 16]; 8];
             match &pair {
                 Some(pair) if width == 16 => lanes = pair(first / 8 + g, rows),
                 _ => {
@@ -411,15 +416,22 @@ macro_rules! x8_dispatch {
 #[cfg(target_arch = "x86_64")]
 use x8_dispatch;
 
-/// Calls a sixteen-row kernel with 1..=4 activation rows.
+/// Calls a sixteen-row kernel with 1..=4 or 8 activation rows.
 #[cfg(target_arch = "x86_64")]
 macro_rules! x16_dispatch {
     ($f:ident, $wa:expr, $wb:expr, $acts:expr) => {{
         let a = $acts;
-        let mut out = [[0f32; 16]; 4];
+        let mut out = [[0f32; 16]; 8];
         unsafe {
             match a.len() {
-                4 => out = x8::$f::<4>($wa, $wb, [a[0], a[1], a[2], a[3]]),
+                8 => out = x8::$f::<8>($wa, $wb, [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+                5..=7 => {
+                    out[..4].copy_from_slice(&x8::$f::<4>($wa, $wb, [a[0], a[1], a[2], a[3]]));
+                    for (o, r) in out[4..].iter_mut().zip(&a[4..]) {
+                        *o = x8::$f::<1>($wa, $wb, [*r])[0];
+                    }
+                }
+                4 => out[..4].copy_from_slice(&x8::$f::<4>($wa, $wb, [a[0], a[1], a[2], a[3]])),
                 3 => out[..3].copy_from_slice(&x8::$f::<3>($wa, $wb, [a[0], a[1], a[2]])),
                 2 => out[..2].copy_from_slice(&x8::$f::<2>($wa, $wb, [a[0], a[1]])),
                 _ => out[..1].copy_from_slice(&x8::$f::<1>($wa, $wb, [a[0]])),
