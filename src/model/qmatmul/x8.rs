@@ -213,6 +213,24 @@ pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R])
     out
 }
 
+/// Asks for the blocks at the same place in the next pair of groups (2·kb
+/// blocks on: groups are stored one after another) to be brought into
+/// cache. Weights stream from memory at every step; without this, the
+/// kernel waits for each pair's first loads instead of computing meanwhile
+/// (measured: batch-16 matmuls on weights beyond the last-level cache ran at
+/// half the speed of cached ones).
+#[inline(always)]
+fn prefetch_next_pair<T>(a: &T, b: &T, kb: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    for block in [a, b] {
+        let next = (block as *const T).wrapping_add(2 * kb) as *const i8;
+        for line in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line)) };
+        }
+    }
+}
+
 /// Two 256-bit halves as one 512-bit register.
 #[inline(always)]
 unsafe fn join_si(a: &[u8; 32], b: &[u8; 32]) -> std::arch::x86_64::__m512i {
@@ -249,6 +267,7 @@ pub(super) unsafe fn q4_1_x16<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut mins = [_mm512_setzero_ps(); R];
     for (b, (xa, xb)) in wa.iter().zip(wb).enumerate() {
+        prefetch_next_pair(xa, xb, wa.len());
         let d = join_ps(&xa.d, &xb.d);
         let m = join_ps(&xa.m, &xb.m);
         let mut lo = [_mm512_setzero_si512(); 4];
@@ -292,6 +311,7 @@ pub(super) unsafe fn q8_0_x16<const R: usize>(
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); R];
     for (b, (xa, xb)) in wa.iter().zip(wb).enumerate() {
+        prefetch_next_pair(xa, xb, wa.len());
         let d = join_ps(&xa.d, &xb.d);
         let bias = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256(xa.bias.as_ptr() as *const __m256i)),
