@@ -147,6 +147,7 @@ pub(super) unsafe fn q4_1_x8<const R: usize>(w: &[Q41x8], acts: [&[BlockQ8]; R])
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [_mm256_setzero_ps(); R];
     for (b, x) in w.iter().enumerate() {
+        prefetch_ahead(x, w.len());
         let d = _mm256_loadu_ps(x.d.as_ptr());
         let m = _mm256_loadu_ps(x.m.as_ptr());
         let mut lo = [_mm256_setzero_si256(); 4];
@@ -189,6 +190,7 @@ pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R])
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, x) in w.iter().enumerate() {
+        prefetch_ahead(x, w.len());
         let d = _mm256_loadu_ps(x.d.as_ptr());
         let bias = _mm256_loadu_si256(x.bias.as_ptr() as *const __m256i);
         let mut qs = [_mm256_setzero_si256(); 8];
@@ -213,21 +215,19 @@ pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R])
     out
 }
 
-/// Asks for the blocks at the same place in the next pair of groups (2·kb
-/// blocks on: groups are stored one after another) to be brought into
-/// cache. Weights stream from memory at every step; without this, the
-/// kernel waits for each pair's first loads instead of computing meanwhile
-/// (measured: batch-16 matmuls on weights beyond the last-level cache ran at
-/// half the speed of cached ones).
+/// Asks for the block `ahead` blocks after `block` to be brought into cache:
+/// kernels pass the same block of the next group (or pair of groups), which
+/// is stored that far on. Weights stream from memory at every step; without
+/// this a kernel waits for each group's first loads instead of computing
+/// meanwhile (measured: batch-16 matmuls on weights beyond the last-level
+/// cache ran at half the speed of cached ones).
 #[inline(always)]
-fn prefetch_next_pair<T>(a: &T, b: &T, kb: usize) {
+fn prefetch_ahead<T>(block: &T, ahead: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    for block in [a, b] {
-        let next = (block as *const T).wrapping_add(2 * kb) as *const i8;
-        for line in (0..std::mem::size_of::<T>()).step_by(64) {
-            // SAFETY: a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line)) };
-        }
+    let next = (block as *const T).wrapping_add(ahead) as *const i8;
+    for line in (0..std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line)) };
     }
 }
 
@@ -267,7 +267,8 @@ pub(super) unsafe fn q4_1_x16<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut mins = [_mm512_setzero_ps(); R];
     for (b, (xa, xb)) in wa.iter().zip(wb).enumerate() {
-        prefetch_next_pair(xa, xb, wa.len());
+        prefetch_ahead(xa, 2 * wa.len());
+        prefetch_ahead(xb, 2 * wa.len());
         let d = join_ps(&xa.d, &xb.d);
         let m = join_ps(&xa.m, &xb.m);
         let mut lo = [_mm512_setzero_si512(); 4];
@@ -311,7 +312,8 @@ pub(super) unsafe fn q8_0_x16<const R: usize>(
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); R];
     for (b, (xa, xb)) in wa.iter().zip(wb).enumerate() {
-        prefetch_next_pair(xa, xb, wa.len());
+        prefetch_ahead(xa, 2 * wa.len());
+        prefetch_ahead(xb, 2 * wa.len());
         let d = join_ps(&xa.d, &xb.d);
         let bias = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256(xa.bias.as_ptr() as *const __m256i)),
