@@ -128,7 +128,10 @@ fn decode_rounds(engine: &Engine, prompt: &[u32], args: &BenchArgs) -> Result<Op
                 let per_round: Vec<f64> = runs.iter().zip(single).map(|(r, s)| r / s).collect();
                 let lo = per_round.iter().cloned().fold(f64::INFINITY, f64::min);
                 let hi = per_round.iter().cloned().fold(0.0, f64::max);
-                format!(" ({:.2}x batch 1; per round {lo:.2}-{hi:.2}x)", tps / median(single))
+                format!(
+                    " ({:.2}x batch 1; per round {lo:.2}-{hi:.2}x)",
+                    tps / median(single)
+                )
             }
             _ => String::new(),
         };

@@ -264,7 +264,9 @@ fn forward_rows_with(
     let threads = rayon::current_num_threads();
     let mut tasks = Vec::new();
     for (mi, mat) in mats.iter().enumerate() {
-        let per_task = (mat.rows / (threads * 8)).clamp(16, 256).next_multiple_of(16);
+        let per_task = (mat.rows / (threads * 8))
+            .clamp(16, 256)
+            .next_multiple_of(16);
         for first in (0..mat.rows).step_by(per_task) {
             tasks.push((mi, first, per_task.min(mat.rows - first)));
         }
@@ -375,10 +377,7 @@ fn by_group(
         };
         // The sixteen-row kernels take up to eight activation rows per call.
         let per_call = if width == 16 { 8 } else { 4 };
-        for (start, rows) in (0..acts.len())
-            .step_by(per_call)
-            .zip(acts.chunks(per_call))
-        {
+        for (start, rows) in (0..acts.len()).step_by(per_call).zip(acts.chunks(per_call)) {
             let mut lanes = [[0f32; 16]; 8];
             match &pair {
                 Some(pair) if width == 16 => lanes = pair(first / 8 + g, rows),

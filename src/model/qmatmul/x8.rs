@@ -223,7 +223,7 @@ pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R])
 /// cache ran at half the speed of cached ones).
 #[inline(always)]
 fn prefetch_ahead<T>(block: &T, ahead: usize) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let next = (block as *const T).wrapping_add(ahead) as *const i8;
     for line in (0..std::mem::size_of::<T>()).step_by(64) {
         // SAFETY: a prefetch never faults, whatever the address.
