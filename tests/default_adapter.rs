@@ -65,24 +65,32 @@ async fn the_shipped_adapter_calibrates_smollm2() {
         assistant > 0.6,
         "prior of female for a personal assistant: {assistant}"
     );
-    // Each answer shows the value its round drew.
-    let body = json!({"model": "occupation-gender", "n": 8, "seed": 3, "max_tokens": 40,
-                      "temperature": 0.7, "prompt": "Tell me a story about an accountant on their first day.",
-                      "steering": {"return": true}});
-    let (status, v) = s.post_json("/v1/completions", &body).await;
-    assert_eq!(status, 200, "{v}");
-    let choices = v["choices"].as_array().unwrap();
-    let consistent = choices
-        .iter()
-        .filter(|c| {
-            shows(
-                c["text"].as_str().unwrap(),
-                c["steering"]["value"].as_str().unwrap(),
+    // Answers show the value their round drew. The adapter's measured
+    // consistency is about 94%; over 32 answers, fewer than 26 (81%) would
+    // happen with probability below 0.1% at that rate (a single seed's 8
+    // answers would miss 7 of 8 about one time in twelve), and steering that
+    // did not work would show its value about half the time or less.
+    let mut answers = Vec::new();
+    for seed in [3, 4] {
+        let body = json!({"model": "occupation-gender", "n": 16, "seed": seed, "max_tokens": 40,
+                          "temperature": 0.7, "prompt": "Tell me a story about an accountant on their first day.",
+                          "steering": {"return": true}});
+        let (status, v) = s.post_json("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        answers.extend(v["choices"].as_array().unwrap().iter().map(|c| {
+            (
+                c["text"].as_str().unwrap().to_string(),
+                c["steering"]["value"].as_str().unwrap().to_string(),
             )
-        })
+        }));
+    }
+    assert_eq!(answers.len(), 32);
+    let consistent = answers
+        .iter()
+        .filter(|(text, value)| shows(text, value))
         .count();
     assert!(
-        consistent >= 7,
-        "{consistent} of 8 answers show their drawn value: {v}"
+        consistent >= 26,
+        "{consistent} of 32 answers show their drawn value: {answers:?}"
     );
 }

@@ -5,8 +5,11 @@
 //! activation row at a time; either way a batch of 16 rows costs nearly 16×
 //! one row, and batching gains little. These kernels follow ggml's (8-bit
 //! activations per 32-block, u8×i8 products summed in integer lanes, one
-//! scale per block pair) and unpack each weight block once for up to four
-//! activation rows. Other GGUF types stay on candle's QMatMul.
+//! scale per block pair) and unpack each weight block once for up to eight
+//! activation rows. At batch 16 the weights still come from memory at every
+//! step (the model is larger than the last-level cache), so the kernels
+//! prefetch the next weight group while computing the current one. Other
+//! GGUF types stay on candle's QMatMul.
 
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -357,7 +360,8 @@ fn by_row(
 }
 
 /// Weight rows sixteen (`pair`, when the CPU has it) or eight at a time
-/// (`first` is a multiple of 8), four activation rows per kernel call.
+/// (`first` is a multiple of 8), eight activation rows per call of the
+/// sixteen-row kernels and four per call of the eight-row ones.
 #[cfg(target_arch = "x86_64")]
 fn by_group(
     acts: &[&[BlockQ8]],
@@ -415,7 +419,8 @@ macro_rules! x8_dispatch {
 #[cfg(target_arch = "x86_64")]
 use x8_dispatch;
 
-/// Calls a sixteen-row kernel with 1..=4 or 8 activation rows.
+/// Calls a sixteen-row kernel with 1..=8 activation rows (5..=7 as four
+/// and singles: a batch's last few rows).
 #[cfg(target_arch = "x86_64")]
 macro_rules! x16_dispatch {
     ($f:ident, $wa:expr, $wb:expr, $acts:expr) => {{
