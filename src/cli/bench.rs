@@ -53,6 +53,9 @@ pub struct BenchArgs {
     pub training_batch: usize,
 }
 
+/// What a user asks a steering adapter in `--steering` runs.
+const USER_PROMPT: &str = "Write a short story about a nurse on a night shift.";
+
 const TEXT: &str = "The history of the city begins with a small settlement on the river, where traders met to exchange grain, cloth and tools. ";
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -234,13 +237,29 @@ fn steering_cost(
     for (dir, name, label) in adapters {
         let registry = Registry::new(dir, base.clone(), engine.model_config().clone());
         let adapter = registry.load(&name)?;
+        // The prompt a request to this adapter sends: a user's words inside
+        // the adapter's prompt format (both arms get the same tokens). An
+        // adapter without a format gets the plain short prompt.
+        let format = &adapter.config.prompt_format;
+        let formatted;
+        let prompt = if format.prefix.is_empty() && format.suffix.is_empty() {
+            prompt
+        } else {
+            let text = format!("{}{USER_PROMPT}{}", format.prefix, format.suffix);
+            formatted = engine.tokenizer().encode(&text, false)?;
+            &formatted[..]
+        };
         let rounds = 96;
         let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
         // Each pair runs back to back, so slow drifts of a shared machine
         // cancel in its ratio; the median ignores the pairs a burst hit.
         let mut ratios = Vec::with_capacity(rounds);
+        // Per pair, steered minus off: time to the first token, and the
+        // mean time of each later token.
+        let (mut first_gaps, mut token_gaps) = (Vec::new(), Vec::new());
         for i in 0..rounds {
             let mut pair = [Duration::ZERO; 2];
+            let mut firsts = [Duration::ZERO; 2];
             for steer in [i % 2 == 0, i % 2 != 0] {
                 let mut r = GenerateRequest::new(prompt.to_vec(), tokens, SamplingParams::greedy());
                 r.ignore_eos = true;
@@ -253,26 +272,41 @@ fn steering_cost(
                 }
                 let start = Instant::now();
                 let mut events = engine.submit(r)?;
+                let mut first = None;
                 while let Some(e) = events.blocking_recv() {
-                    if let Event::Error(e) = e {
-                        bail!(e);
+                    match e {
+                        Event::Error(e) => bail!(e),
+                        Event::Token { .. } => {
+                            first.get_or_insert_with(|| start.elapsed());
+                        }
+                        _ => {}
                     }
                 }
                 let took = start.elapsed();
                 *if steer { &mut steered } else { &mut plain } += took;
                 pair[usize::from(steer)] = took;
+                firsts[usize::from(steer)] = first.unwrap_or(took);
             }
             ratios.push(pair[1].as_secs_f64() / pair[0].as_secs_f64());
+            let later = |i: usize| (pair[i] - firsts[i]).as_secs_f64() / (tokens - 1).max(1) as f64;
+            first_gaps.push((firsts[1].as_secs_f64() - firsts[0].as_secs_f64()) * 1e3);
+            token_gaps.push((later(1) / later(0) - 1.0) * 100.0);
         }
         ratios.sort_by(f64::total_cmp);
         println!(
-            "steering (prior, {label}) vs off, end-to-end latency over {rounds} request pairs of {tokens} tokens: {:.1} ms vs {:.1} ms = {:.3}x (pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
+            "steering (prior, {label}) vs off, end-to-end latency over {rounds} request pairs of {} prompt + {tokens} generated tokens: {:.1} ms vs {:.1} ms = {:.3}x (pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
+            prompt.len(),
             steered.as_secs_f64() * 1e3 / rounds as f64,
             plain.as_secs_f64() * 1e3 / rounds as f64,
             steered.as_secs_f64() / plain.as_secs_f64(),
             ratios[rounds / 2],
             ratios[rounds / 4],
             ratios[3 * rounds / 4],
+        );
+        println!(
+            "  of which: first token {:+.2} ms, each later token {:+.2}% (medians over the pairs)",
+            median(&first_gaps),
+            median(&token_gaps),
         );
     }
     let _ = std::fs::remove_dir_all(&generated);
