@@ -210,6 +210,14 @@ impl Lora {
         })
     }
 
+    /// Asks for A and Bᵀ to be brought into cache. Between two steps the
+    /// stream of base weights pushes these few kilobytes out; fetched on
+    /// demand they cost more than the update's arithmetic.
+    pub fn prefetch(&self) {
+        self.a.prefetch();
+        self.b_t.prefetch();
+    }
+
     /// Rows of the projection's output.
     pub fn out_dim(&self) -> usize {
         self.b_t.width
@@ -263,6 +271,24 @@ impl Rows8 {
             &self.q[r * self.width..][..self.width],
             &self.scales[r * blocks..][..blocks],
         )
+    }
+
+    /// Asks for every value and scale to be brought into cache.
+    fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let q = self.q.as_ptr() as *const i8;
+            for at in (0..self.q.len()).step_by(64) {
+                // SAFETY: the address is inside `q` (and a prefetch never faults).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(q.add(at)) };
+            }
+            let scales = self.scales.as_ptr() as *const i8;
+            for at in (0..self.scales.len() * 4).step_by(64) {
+                // SAFETY: as above, inside `scales`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(scales.add(at)) };
+            }
+        }
     }
 
     /// out[r] = row r · x for every row.
@@ -437,6 +463,13 @@ pub struct LoraSet {
 impl LoraSet {
     pub fn get(&self, layer: usize, kind: ProjKind) -> Option<&Lora> {
         self.layers.get(layer)?[kind.index()].as_ref()
+    }
+
+    /// Prefetches every update of one layer (see [`Lora::prefetch`]).
+    pub fn prefetch(&self, layer: usize) {
+        for lora in self.layers.get(layer).into_iter().flatten().flatten() {
+            lora.prefetch();
+        }
     }
 }
 

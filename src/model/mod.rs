@@ -158,6 +158,7 @@ impl Model {
         let mut x = Tensor::cat(&inputs, 0)?;
         let spans: Vec<usize> = rows.iter().map(|r| r.len + r.branches).collect();
         for (l, layer) in self.layers.iter().enumerate() {
+            prefetch_lora(l, segs);
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps as f32)?;
             let attn = self.attention(l, layer, &h, segs, &rows, &spans)?;
             x = (x + attn)?;
@@ -367,6 +368,19 @@ struct SegRows {
     start: usize,
     len: usize,
     branches: usize,
+}
+
+/// Brings layer `l`'s LoRA updates into cache one projection ahead of their
+/// use (the down projection's weights, streamed meanwhile, are smaller than
+/// the second-level cache), once per distinct adapter.
+fn prefetch_lora(l: usize, segs: &[Segment]) {
+    let mut seen: Vec<*const LoraSet> = Vec::new();
+    for set in segs.iter().filter_map(|s| s.lora) {
+        if !seen.contains(&(set as *const LoraSet)) {
+            seen.push(set);
+            set.prefetch(l);
+        }
+    }
 }
 
 /// Whether any segment's adapter has a LoRA on one of these projections.
