@@ -278,7 +278,7 @@ impl Rows8 {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let q = self.q.as_ptr() as *const i8;
+            let q = self.q.as_ptr();
             for at in (0..self.q.len()).step_by(64) {
                 // SAFETY: the address is inside `q` (and a prefetch never faults).
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(q.add(at)) };
@@ -294,7 +294,7 @@ impl Rows8 {
     /// out[r] = row r · x for every row.
     fn dots(&self, x: &[f32], out: &mut [f32]) {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if out.len() % 8 == 0 {
+        if out.len().is_multiple_of(8) {
             return rows8_avx512::dots(self, x, out);
         }
         for (r, o) in out.iter_mut().enumerate() {
