@@ -67,7 +67,7 @@ async fn the_shipped_adapter_calibrates_smollm2() {
     );
     // Answers show the value their round drew. The adapter's measured
     // consistency is about 94%; over 32 answers, fewer than 26 (81%) would
-    // happen with probability below 0.1% at that rate (a single seed's 8
+    // happen with probability 0.25% at that rate (a single seed's 8
     // answers would miss 7 of 8 about one time in twelve), and steering that
     // did not work would show its value about half the time or less.
     let mut answers = Vec::new();

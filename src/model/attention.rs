@@ -7,6 +7,7 @@
 //! and 128 with AVX-512, each head's query and output stay in registers.
 
 use super::config::RopeStyle;
+use super::vecmath::softmax;
 use rayon::prelude::*;
 
 /// Precomputed cos/sin for every position up to `max_positions`.
@@ -225,7 +226,7 @@ fn attend_head<'a>(
     let (keys, values) = rows;
     scores.clear();
     scores.extend(keys.map(|k| dot(query.q, k) * query.scale));
-    super::vecmath::softmax(scores);
+    softmax(scores);
     out.fill(0.0);
     for (v, &p) in values.zip(scores.iter()) {
         axpy(p, v, out);
@@ -236,7 +237,7 @@ fn attend_head<'a>(
 /// registers, so each key and value row costs C loads and C multiply-adds.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod avx512 {
-    use super::{sum4, Query};
+    use super::{softmax, Query};
     use std::arch::x86_64::*;
 
     /// The C 16-float blocks of a row of at least 16·C floats.
@@ -286,7 +287,7 @@ mod avx512 {
         for k in &four[..held] {
             scores.push(unsafe { _mm512_reduce_add_ps(products(k)) } * query.scale);
         }
-        super::super::vecmath::softmax(scores);
+        softmax(scores);
         let mut o = [unsafe { _mm512_setzero_ps() }; C];
         for (v, &p) in values.zip(scores.iter()) {
             let (v, p) = (blocks::<C>(v), unsafe { _mm512_set1_ps(p) });
@@ -300,30 +301,28 @@ mod avx512 {
             unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *block) };
         }
     }
-}
 
-/// The sums of four 16-lane vectors.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-#[inline(always)]
-fn sum4([a, b, c, d]: [std::arch::x86_64::__m512; 4]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    // SAFETY: register-only AVX-512F arithmetic (guaranteed by the cfg) and
-    // a 4-float store into a 4-float array.
-    unsafe {
-        // In each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], and so for c, d.
-        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-        // In each 128-bit lane: partial sums [a, b, c, d].
-        let x = _mm512_add_ps(
-            _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
-            _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
-        );
-        // Add the four 128-bit lanes: swap halves, then neighbours.
-        let x = _mm512_add_ps(x, _mm512_shuffle_f32x4::<0b01_00_11_10>(x, x));
-        let x = _mm512_add_ps(x, _mm512_shuffle_f32x4::<0b10_11_00_01>(x, x));
-        let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(x));
-        out
+    /// The sums of four 16-lane vectors.
+    #[inline(always)]
+    fn sum4([a, b, c, d]: [__m512; 4]) -> [f32; 4] {
+        // SAFETY: register-only AVX-512F arithmetic (guaranteed by the cfg) and
+        // a 4-float store into a 4-float array.
+        unsafe {
+            // In each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], and so for c, d.
+            let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            // In each 128-bit lane: partial sums [a, b, c, d].
+            let x = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
+                _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
+            );
+            // Add the four 128-bit lanes: swap halves, then neighbours.
+            let x = _mm512_add_ps(x, _mm512_shuffle_f32x4::<0b01_00_11_10>(x, x));
+            let x = _mm512_add_ps(x, _mm512_shuffle_f32x4::<0b10_11_00_01>(x, x));
+            let mut out = [0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(x));
+            out
+        }
     }
 }
 

@@ -10,7 +10,7 @@ pub mod config;
 mod kv_cache;
 pub mod linear;
 mod load;
-pub mod qmatmul;
+mod qmatmul;
 mod vecmath;
 
 pub use config::{ModelConfig, RopeStyle};

@@ -8,8 +8,9 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 
 /// Dequantization equals candle's; the product equals an f32 matmul on
 /// the dequantized weights up to 8-bit activation rounding; and every
-/// kernel this CPU has, in both layouts, with 1 to 9 activation rows (so
-/// the four-row tiles, the remainders and the 512-bit pairs all run),
+/// kernel this CPU has, in both layouts, with 1 to 13 activation rows (so
+/// the four- and eight-row tiles, the remainders and the 512-bit pairs all
+/// run),
 /// gives the scalar kernel's result.
 #[test]
 fn kernels_agree_with_candle_and_each_other() {
@@ -31,7 +32,7 @@ fn kernels_agree_with_candle_and_each_other() {
                 cols: k,
             };
             let interleaved = plain.clone().interleaved();
-            for rows in [1, 3, 5, 9] {
+            for rows in [1, 3, 5, 9, 13] {
                 let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
                 let dense = to_vec(&x.matmul(&dense_w.t().unwrap()).unwrap());
                 let scalar = to_vec(&forward_many_with(Kernel::Scalar, &[&plain], &x).unwrap()[0]);
