@@ -462,8 +462,8 @@ impl LoraSet {
     ///
     /// Between two steps the stream of base weights (98 MB on SmolLM2)
     /// pushes these few kilobytes out of every cache. Fetched on demand by
-    /// the update's own loads, rank-8 q+v cost 2.6 µs per layer on SmolLM2
-    /// against 0.9 µs in cache; prefetch instructions did not help (most
+    /// the update's own loads, rank-8 q+v cost 2.5-3.6 µs per layer on
+    /// SmolLM2 against 0.9 µs in cache; prefetch instructions did not help (most
     /// were lost: the pages had also left the TLB). Plain loads, one per
     /// cache line, run many misses at once; the worker that will compute
     /// the update runs them while the input is still being normalized.
