@@ -266,6 +266,10 @@ mod kernels {
             // SAFETY: the cfg guarantees the instructions; fixed-size arrays.
             return unsafe { quantize_block_avx512(x, q, bias) };
         }
+        quantize_block_portable(x, q, bias)
+    }
+
+    fn quantize_block_portable(x: &[f32], q: &mut [i8], bias: &mut [i32]) -> f32 {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -386,6 +390,16 @@ mod kernels {
             return unsafe { add_group_avx512(b, width, at, w, y) };
         }
         #[allow(unreachable_code)]
+        add_group_portable(b, width, at, w, y)
+    }
+
+    fn add_group_portable(
+        b: &[i8],
+        width: usize,
+        at: usize,
+        w: &[f32; 8],
+        y: &mut [f32; OUT_STEP],
+    ) {
         for (i, &w) in w.iter().enumerate() {
             for (y, &b) in y.iter_mut().zip(&b[i * width + at..][..OUT_STEP]) {
                 *y = f32::from(b).mul_add(w, *y);
@@ -414,6 +428,66 @@ mod kernels {
         }
         _mm512_storeu_ps(y.as_mut_ptr(), lo);
         _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
+    }
+
+    /// The vector kernels (where this CPU runs them) give what the portable
+    /// loops give: the same 8-bit values and sums, and dot products and
+    /// updates equal up to float rounding.
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A deterministic spread of values in about −1..1.
+        fn values(n: usize, seed: u32) -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        }
+
+        #[test]
+        fn vector_kernels_match_portable_loops() {
+            let x = values(BLOCK, 7);
+            let (mut q1, mut q2) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let (mut b1, mut b2) = ([0i32; BLOCK / 4], [0i32; BLOCK / 4]);
+            let d1 = quantize_block(&x, &mut q1, &mut b1);
+            let d2 = quantize_block_portable(&x, &mut q2, &mut b2);
+            assert_eq!((d1, q1, b1), (d2, q2, b2));
+            assert!(q1.iter().any(|&q| q.unsigned_abs() == 127) && b1.iter().any(|&b| b != 0));
+
+            let width = 2 * CHUNK;
+            let xq: Vec<i8> = values(width, 3).iter().map(|v| (v * 120.0) as i8).collect();
+            let bias: Vec<i32> = (0..width / 4).map(|i| -(i as i32) * 300).collect();
+            let scales: Vec<f32> = values(width / 4, 5)
+                .iter()
+                .map(|v| v.abs() + 0.01)
+                .collect();
+            let row = InputRow {
+                q: &xq,
+                bias: &bias,
+                scales: &scales,
+            };
+            let a: Vec<u8> = values(GROUP * width, 9)
+                .iter()
+                .map(|v| (v * 120.0 + 128.0) as u8)
+                .collect();
+            let (fast, slow) = (dots(&a, row), dots_portable(&a, row));
+            for (f, s) in fast.iter().zip(slow) {
+                assert!((f - s).abs() <= 1e-4 * s.abs().max(1.0), "{f} vs {s}");
+            }
+
+            let b: Vec<i8> = values(GROUP * 2 * OUT_STEP, 11)
+                .iter()
+                .map(|v| (v * 127.0) as i8)
+                .collect();
+            let w: [f32; 8] = std::array::from_fn(|i| i as f32 * 0.25 - 1.0);
+            let (mut y1, mut y2) = ([0.5f32; OUT_STEP], [0.5f32; OUT_STEP]);
+            add_group(&b, 2 * OUT_STEP, OUT_STEP, &w, &mut y1);
+            add_group_portable(&b, 2 * OUT_STEP, OUT_STEP, &w, &mut y2);
+            for (p, q) in y1.iter().zip(y2) {
+                assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
+            }
+            assert!(y1.iter().any(|&y| y != 0.5));
+        }
     }
 }
 
