@@ -222,9 +222,9 @@ pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R])
 /// meanwhile (measured: batch-16 matmuls on weights beyond the last-level
 /// cache ran at half the speed of cached ones). The hint is non-temporal:
 /// a step uses each weight block once, so it should not push out what is
-/// reused (activations, key/value caches, an adapter's LoRA weights);
-/// measured against the plain hint, batch-1 decode ran 6.7% faster on
-/// SmolLM2, and batches of 4 and 16 were no slower.
+/// reused (activations, key/value caches). Against the plain hint, in four
+/// alternating runs on SmolLM2, batch-1 decode ran 5-7% faster and batch
+/// 16 from 1% slower to 6% faster.
 #[inline(always)]
 fn prefetch_ahead<T>(block: &T, ahead: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA};
