@@ -70,9 +70,7 @@ impl Lora {
         let mut a_q = vec![128u8; rows * width];
         let mut a_scales = vec![0f32; rows];
         for (r, row) in a.chunks_exact(input).enumerate() {
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let (d, inv) = i8_scale(row);
             for (q, v) in a_q[r * width..].iter_mut().zip(row) {
                 *q = ((v * inv).round() as i32 + 128) as u8;
             }
@@ -87,9 +85,8 @@ impl Lora {
                 .zip(q)
                 .zip(&mut b_scales[r * out_width / OUT_STEP..]);
             for ((values, q), scale) in blocks {
-                let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-                *scale = amax / 127.0;
-                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                let inv;
+                (*scale, inv) = i8_scale(values);
                 for (q, v) in q.iter_mut().zip(values) {
                     *q = (v * inv).round() as i8;
                 }
@@ -115,12 +112,14 @@ impl Lora {
     }
 
     /// y (rows × out) += scale · B A x for each row of x (rows × in).
-    pub fn add_to(&self, x: &[f32], y: &mut [f32]) {
+    #[cfg(test)]
+    fn add_to(&self, x: &[f32], y: &mut [f32]) {
         self.add_quantized(&LoraInput::new(x, self.input), 0, y);
     }
 
-    /// As `add_to`, for rows `first..` of input quantized once for all the
-    /// updates that share it; y holds as many rows as it has room for.
+    /// y (rows × out) += scale · B A x for rows `first..` of an input
+    /// quantized once for all the updates that share it; y holds as many
+    /// rows as it has room for.
     pub fn add_quantized(&self, x: &LoraInput, first: usize, y: &mut [f32]) {
         debug_assert_eq!(x.width, self.input);
         let mut t = vec![0f32; self.rank_rows()];
@@ -172,18 +171,25 @@ impl Lora {
     /// [`LoraSet::warm`]); returns a sum of what it read so the reads are
     /// not optimized away.
     fn warm(&self) -> i64 {
-        const LINE: usize = 64;
-        let a: i64 = self.a.iter().step_by(LINE).map(|&q| i64::from(q)).sum();
-        let b: i64 = self.b_t.iter().step_by(LINE).map(|&q| i64::from(q)).sum();
-        let scales = self
-            .a_scales
-            .iter()
-            .chain(&self.b_scales)
-            .step_by(LINE / std::mem::size_of::<f32>())
-            .map(|s| i64::from(s.to_bits()))
-            .sum::<i64>();
-        a.wrapping_add(b).wrapping_add(scales)
+        let scales = |s: &[f32]| touch(s, |v| i64::from(v.to_bits()));
+        touch(&self.a, |&q| i64::from(q))
+            .wrapping_add(touch(&self.b_t, |&q| i64::from(q)))
+            .wrapping_add(scales(&self.a_scales))
+            .wrapping_add(scales(&self.b_scales))
     }
+}
+
+/// One value of every 64-byte cache line of `values`, summed.
+fn touch<T>(values: &[T], value: impl Fn(&T) -> i64) -> i64 {
+    let per_line = (64 / std::mem::size_of::<T>()).max(1);
+    values.iter().step_by(per_line).map(value).sum()
+}
+
+/// The scale of symmetric 8-bit values for `values` (their largest
+/// magnitude maps to 127), and its inverse (0 when all are 0).
+fn i8_scale(values: &[f32]) -> (f32, f32) {
+    let d = values.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// Rows of a layer's input quantized for the updates' integer dots: i8 per
@@ -270,9 +276,7 @@ mod kernels {
     }
 
     fn quantize_block_portable(x: &[f32], q: &mut [i8], bias: &mut [i32]) -> f32 {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let (d, inv) = super::i8_scale(x);
         for (q, v) in q.iter_mut().zip(x) {
             *q = (v * inv).round_ties_even() as i8;
         }
