@@ -114,17 +114,16 @@ impl Lora {
     /// y (rows × out) += scale · B A x for each row of x (rows × in).
     #[cfg(test)]
     fn add_to(&self, x: &[f32], y: &mut [f32]) {
-        self.add_quantized(&LoraInput::new(x, self.input), 0, y);
+        self.add_quantized(&LoraInput::new(x, self.input), y);
     }
 
-    /// y (rows × out) += scale · B A x for rows `first..` of an input
-    /// quantized once for all the updates that share it; y holds as many
-    /// rows as it has room for.
-    pub fn add_quantized(&self, x: &LoraInput, first: usize, y: &mut [f32]) {
+    /// y (rows × out) += scale · B A x for each row of an input quantized
+    /// once for all the updates that share it.
+    pub fn add_quantized(&self, x: &LoraInput, y: &mut [f32]) {
         debug_assert_eq!(x.width, self.input);
         let mut t = vec![0f32; self.rank_rows()];
         for (r, yr) in y.chunks_exact_mut(self.out).enumerate() {
-            self.down(x.row(first + r), &mut t);
+            self.down(x.row(r), &mut t);
             self.up(&t, yr);
         }
     }

@@ -494,21 +494,21 @@ fn add_lora_deltas(
     deltas: &mut [Option<Vec<f32>>],
 ) {
     let rows: usize = spans.iter().sum();
-    // Quantized once for every projection that reads it.
-    let input = lora::LoraInput::new(xs, xs.len() / rows.max(1));
-    for (&kind, delta) in kinds.iter().zip(deltas) {
-        let Some(delta) = delta else { continue };
-        let out = delta.len() / rows.max(1);
-        let mut offset = 0;
-        for (seg, &len) in segs.iter().zip(spans) {
-            if let Some(lora) = seg.lora.and_then(|set| set.get(l, kind)) {
-                lora.add_quantized(
-                    &input,
-                    offset,
-                    &mut delta[offset * out..(offset + len) * out],
-                );
+    let width = xs.len() / rows.max(1);
+    let mut offset = 0;
+    for (seg, &len) in segs.iter().zip(spans) {
+        let update_for = |kind| seg.lora.and_then(|set| set.get(l, kind));
+        if kinds.iter().any(|&kind| update_for(kind).is_some()) {
+            // Quantized once for every projection that reads these rows;
+            // rows without an adapter are left alone.
+            let input = lora::LoraInput::new(&xs[offset * width..(offset + len) * width], width);
+            for (&kind, delta) in kinds.iter().zip(deltas.iter_mut()) {
+                if let (Some(lora), Some(delta)) = (update_for(kind), delta) {
+                    let out = lora.out_dim();
+                    lora.add_quantized(&input, &mut delta[offset * out..(offset + len) * out]);
+                }
             }
-            offset += len;
         }
+        offset += len;
     }
 }
