@@ -221,8 +221,22 @@ fn gguf_name(hf: &str) -> String {
 /// Writes a tiny model as GGUF: matrices in `dtype` (e.g. Q4_1, Q8_0, F32),
 /// norms and biases f32, the tokenizer in `tokenizer.ggml.*`.
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, dtype: GgmlDType) -> Result<()> {
+    write_tiny_gguf_edited(path, spec, dtype, |_, t| Ok(t))
+}
+
+/// As [`write_tiny_gguf`], each weight (by its Hugging Face name) passed
+/// through `edit` first: e.g. a LoRA update merged into it.
+pub fn write_tiny_gguf_edited(
+    path: &Path,
+    spec: &TinySpec,
+    dtype: GgmlDType,
+    edit: impl Fn(&str, Tensor) -> Result<Tensor>,
+) -> Result<()> {
     let (tokens, merges, special) = tiny_vocab(spec.merges);
-    let weights = random_weights(spec, tokens.len())?;
+    let mut weights = random_weights(spec, tokens.len())?;
+    for (name, t) in weights.tensors.iter_mut() {
+        *t = edit(name, t.clone())?;
+    }
     let arch = spec.architecture;
     let u32v = |v: usize| Value::U32(v as u32);
     let mut md: Vec<(String, Value)> = vec![

@@ -4,9 +4,8 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use steerling::model::{
-    load_model, KvCache, Logits, Lora, LoraSet, Model, ModelSource, ProjKind, Segment,
-};
+use common::segment;
+use steerling::model::{load_model, Lora, LoraSet, Model, ModelSource, ProjKind, Segment};
 
 /// Random rank-4 LoRA on q and v of every layer.
 fn random_lora(model: &Model) -> LoraSet {
@@ -39,22 +38,6 @@ fn step(model: &Model, segs: &mut [Segment]) -> Vec<Vec<Vec<f32>>> {
         .into_iter()
         .map(|t| t.to_vec2::<f32>().unwrap())
         .collect()
-}
-
-fn segment<'a>(
-    model: &Model,
-    ids: &[u32],
-    cache: &'a mut KvCache,
-    lora: Option<&'a LoraSet>,
-) -> Segment<'a> {
-    Segment {
-        embeds: model.embed_tokens(ids).unwrap(),
-        cache,
-        lora,
-        extra_head: None,
-        logits: Logits::Last,
-        branches: None,
-    }
 }
 
 fn assert_close(a: &[f32], b: &[f32], what: &str) {

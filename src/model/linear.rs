@@ -142,14 +142,7 @@ pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
 /// two tensor copies per projection.
 pub fn forward_many_rows(projs: &[&Proj], x: &Tensor, xs: &[f32]) -> Result<Vec<Vec<f32>>> {
     let rows = x.dim(0)?;
-    let blocks: Option<Vec<&QMatrix>> = projs
-        .iter()
-        .map(|p| match (&p.weight, &p.bias) {
-            (Weight::Blocks(m), None) => Some(m),
-            _ => None,
-        })
-        .collect();
-    match blocks {
+    match block_matrices(projs) {
         Some(mats) => super::qmatmul::forward_rows(&mats, xs, rows),
         None => forward_many(projs, x)?
             .into_iter()
@@ -160,4 +153,34 @@ pub fn forward_many_rows(projs: &[&Proj], x: &Tensor, xs: &[f32]) -> Result<Vec<
             })
             .collect(),
     }
+}
+
+/// As `forward_many_rows`, with `beside` run in the same parallel pass (see
+/// [`super::qmatmul::forward_rows_beside`]), or beside the projections
+/// where they are not all block matrices.
+pub fn forward_many_rows_beside<T: Send + Sync>(
+    projs: &[&Proj],
+    x: &Tensor,
+    xs: &[f32],
+    beside: &super::qmatmul::Beside<T>,
+) -> Result<(Vec<Vec<f32>>, T)> {
+    let rows = x.dim(0)?;
+    match block_matrices(projs) {
+        Some(mats) => super::qmatmul::forward_rows_beside(&mats, xs, rows, beside),
+        None => {
+            let (ys, value) = rayon::join(|| forward_many_rows(projs, x, xs), beside);
+            Ok((ys?, value))
+        }
+    }
+}
+
+/// The projections' weights when all are block matrices without a bias.
+fn block_matrices<'a>(projs: &[&'a Proj]) -> Option<Vec<&'a QMatrix>> {
+    projs
+        .iter()
+        .map(|p| match (&p.weight, &p.bias) {
+            (Weight::Blocks(m), None) => Some(m),
+            _ => None,
+        })
+        .collect()
 }

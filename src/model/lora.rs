@@ -513,8 +513,8 @@ impl LoraSet {
     /// of every cache. Fetched on demand by the update's own loads, they
     /// cost 2.5-3.6 µs per layer; prefetch instructions did not help (most
     /// were lost: the pages had also left the TLB). Plain loads, one per
-    /// cache line, run many misses at once; the worker that will compute
-    /// the update runs them while the input is still being normalized.
+    /// cache line, run many misses at once; the task that computes the
+    /// update runs them first.
     pub fn warm(&self, layer: usize) {
         let sum = self
             .layers

@@ -24,7 +24,6 @@ use anyhow::{bail, ensure, Result};
 use attention::{AttnSeq, AttnShape, Rope};
 use candle_core::{DType, Device, Tensor};
 use linear::Proj;
-use std::sync::OnceLock;
 
 pub struct Layer {
     pub attn_norm: Tensor,
@@ -190,7 +189,7 @@ impl Model {
             .remove(0))
     }
 
-    /// Several projections of the same input (q/k/v, gate/up) in one pass.
+    /// Several projections of the same input (gate/up) in one pass.
     fn project_many(
         &self,
         l: usize,
@@ -200,25 +199,57 @@ impl Model {
         segs: &[Segment],
         spans: &[usize],
     ) -> Result<Vec<Tensor>> {
-        let projs: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
         if !has_lora(l, segs, kinds) {
+            let projs: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
             return linear::forward_many(&projs, x);
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (ys, deltas) = rayon::join(
-            || linear::forward_many(&projs, x),
-            || lora_deltas(l, &xs, segs, spans, kinds),
-        );
-        ys?.into_iter()
-            .zip(deltas)
-            .map(|(y, delta)| match delta {
-                None => Ok(y),
-                Some(d) => {
-                    let d = Tensor::from_vec(d, y.shape(), &self.device)?;
-                    Ok((y + d)?)
-                }
+        let rows = x.dim(0)?;
+        self.project_rows(l, layer, kinds, x, &xs, segs, spans)?
+            .into_iter()
+            .map(|y| {
+                let out = y.len() / rows.max(1);
+                Ok(Tensor::from_vec(y, (rows, out), &self.device)?)
             })
             .collect()
+    }
+
+    /// Projections of the same input `x` (also as plain rows, `xs`) over
+    /// all rows, as plain rows, each segment's LoRA deltas added to its rows.
+    ///
+    /// The deltas run as one more task of the projections' parallel pass
+    /// (see [`qmatmul::forward_rows_beside`]). The thread that starts the
+    /// pass takes it first and reads the layer's LoRA weights, a latency-
+    /// bound walk, while the other worker streams base weights; and no
+    /// thread ever waits for another to finish it.
+    #[allow(clippy::too_many_arguments)]
+    fn project_rows(
+        &self,
+        l: usize,
+        layer: &Layer,
+        kinds: &[ProjKind],
+        x: &Tensor,
+        xs: &[f32],
+        segs: &[Segment],
+        spans: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let projs: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
+        if !has_lora(l, segs, kinds) {
+            return linear::forward_many_rows(&projs, x, xs);
+        }
+        let update = || {
+            for set in distinct_lora_sets(segs) {
+                set.warm(l);
+            }
+            lora_deltas(l, xs, segs, spans, kinds)
+        };
+        let (mut ys, deltas) = linear::forward_many_rows_beside(&projs, x, xs, &update)?;
+        for (y, delta) in ys.iter_mut().zip(deltas) {
+            if let Some(delta) = delta {
+                y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
+            }
+        }
+        Ok(ys)
     }
 
     /// The attention block on the residual stream `x` (its norm included).
@@ -293,10 +324,6 @@ impl Model {
 
     /// q/k/v of the normed `x` as plain rows (RoPE and the caches work on
     /// rows anyway), each segment's LoRA deltas added to its rows.
-    ///
-    /// With LoRA, the deltas run on the other worker beside the q/k/v
-    /// matmul, and that worker first reads the layer's LoRA weights into
-    /// its cache while this one normalizes `x` (see [`LoraSet::warm`]).
     fn project_qkv(
         &self,
         l: usize,
@@ -306,46 +333,11 @@ impl Model {
         spans: &[usize],
     ) -> Result<[Vec<f32>; 3]> {
         let kinds = [ProjKind::Q, ProjKind::K, ProjKind::V];
-        let qkv: Vec<&Proj> = kinds.iter().map(|k| &layer.projs[k.index()]).collect();
-        let eps = self.config.rms_norm_eps as f32;
-        let project = |normed: &OnceLock<Vec<f32>>| -> Result<Vec<Vec<f32>>> {
-            // Published even on error, so the other worker never waits forever.
-            let _publish = Publish(normed);
-            let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-            let hs: Vec<f32> = h.flatten_all()?.to_vec1()?;
-            linear::forward_many_rows(&qkv, &h, normed.get_or_init(|| hs))
-        };
-        let normed = OnceLock::new();
-        let (projected, deltas) = if has_lora(l, segs, &kinds) {
-            rayon::join(
-                || project(&normed),
-                || {
-                    for set in distinct_lora_sets(segs) {
-                        set.warm(l);
-                    }
-                    // Zeroed here too, so their lines are this core's before the input is.
-                    let mut deltas = lora_buffers(l, segs, spans.iter().sum(), &kinds);
-                    match wait_for(&normed) {
-                        [] => Vec::new(),
-                        hs => {
-                            add_lora_deltas(l, hs, segs, spans, &kinds, &mut deltas);
-                            deltas
-                        }
-                    }
-                },
-            )
-        } else {
-            (project(&normed), Vec::new())
-        };
-        let mut projected: [Vec<f32>; 3] = projected?
+        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, self.config.rms_norm_eps as f32)?;
+        let hs: Vec<f32> = h.flatten_all()?.to_vec1()?;
+        self.project_rows(l, layer, &kinds, &h, &hs, segs, spans)?
             .try_into()
-            .map_err(|_| anyhow::anyhow!("q/k/v projection count"))?;
-        for (y, delta) in projected.iter_mut().zip(deltas) {
-            if let Some(delta) = delta {
-                y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
-            }
-        }
-        Ok(projected)
+            .map_err(|_| anyhow::anyhow!("q/k/v projection count"))
     }
 
     /// Final norm and head on the rows that need logits, one matmul for all.
@@ -416,27 +408,6 @@ fn distinct_lora_sets<'a>(segs: &[Segment<'a>]) -> Vec<&'a LoraSet> {
     sets
 }
 
-/// Sets an empty value on drop unless one was set: whoever waits on the
-/// cell (`wait_for`) then always wakes, even if the setter failed.
-struct Publish<'a>(&'a OnceLock<Vec<f32>>);
-
-impl Drop for Publish<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.set(Vec::new());
-    }
-}
-
-/// Spins until `cell` is set: for the few microseconds another worker
-/// takes to normalize a layer's input (a sleep would take longer).
-fn wait_for(cell: &OnceLock<Vec<f32>>) -> &[f32] {
-    loop {
-        if let Some(value) = cell.get() {
-            return value;
-        }
-        std::hint::spin_loop();
-    }
-}
-
 /// Whether any segment's adapter has a LoRA on one of these projections.
 fn has_lora(l: usize, segs: &[Segment], kinds: &[ProjKind]) -> bool {
     segs.iter().any(|s| {
@@ -448,10 +419,10 @@ fn has_lora(l: usize, segs: &[Segment], kinds: &[ProjKind]) -> bool {
 /// Each segment's LoRA deltas on its rows of input `xs` (`spans`: rows per
 /// segment, branches included), per projection kind:
 /// None where no segment has one, else rows × out (zero on other segments'
-/// rows). Callers run this beside the projections' own matmuls (rayon::join),
-/// so the deltas cost no parallel pass of their own: a pass per layer for a
-/// few microseconds of work would let the other compute worker fall asleep
-/// and cost more than the deltas.
+/// rows). Callers run this inside the projections' own parallel pass, so
+/// the deltas cost no pass of their own: a pass per layer for a few
+/// microseconds of work would let the other compute worker fall asleep and
+/// cost more than the deltas.
 fn lora_deltas(
     l: usize,
     xs: &[f32],

@@ -7,7 +7,7 @@ pub mod server;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use steerling::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
-use steerling::model::{load_model, ModelSource};
+use steerling::model::{load_model, KvCache, Logits, LoraSet, Model, ModelSource, Segment};
 use steerling::testing::{write_tiny_gguf, TinySpec};
 
 /// A tiny random-weight llama GGUF, written once per test binary.
@@ -33,6 +33,23 @@ pub fn tiny_gguf() -> PathBuf {
 pub fn engine_for(path: &std::path::Path, config: EngineConfig) -> Engine {
     let loaded = load_model(&ModelSource::from_path(path).unwrap(), config.max_context).unwrap();
     Engine::start(loaded, config)
+}
+
+/// One sequence's part of a step: `ids` fed, logits for the last row.
+pub fn segment<'a>(
+    model: &Model,
+    ids: &[u32],
+    cache: &'a mut KvCache,
+    lora: Option<&'a LoraSet>,
+) -> Segment<'a> {
+    Segment {
+        embeds: model.embed_tokens(ids).unwrap(),
+        cache,
+        lora,
+        extra_head: None,
+        logits: Logits::Last,
+        branches: None,
+    }
 }
 
 pub fn smollm2() -> PathBuf {

@@ -238,7 +238,7 @@ pub fn forward_many(mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
 fn forward_many_with(kernel: Kernel, mats: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
     let (m, _) = x.dims2()?;
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let outs = forward_rows_with(kernel, mats, &xs, m)?;
+    let (outs, _) = forward_rows_with(kernel, mats, &xs, m, None::<&Beside<()>>)?;
     outs.into_iter()
         .zip(mats)
         .map(|(o, mat)| Ok(Tensor::from_vec(o, (m, mat.rows), x.device())?))
@@ -248,15 +248,34 @@ fn forward_many_with(kernel: Kernel, mats: &[&QMatrix], x: &Tensor) -> Result<Ve
 /// As `forward_many`, on plain rows: xs is (m, cols) row-major; each output
 /// is (m, rows) row-major.
 pub fn forward_rows(mats: &[&QMatrix], xs: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
-    forward_rows_with(Kernel::detect(), mats, xs, m)
+    let (outs, _) = forward_rows_with(Kernel::detect(), mats, xs, m, None::<&Beside<()>>)?;
+    Ok(outs)
 }
 
-fn forward_rows_with(
+/// Work that needs the same input as a matmul but not its outputs.
+pub type Beside<'a, T> = dyn Fn() -> T + Sync + 'a;
+
+/// As `forward_rows`, with `beside` run as one more task of the same
+/// parallel pass, ahead of the matrices' tasks, by whichever thread gets
+/// to it: small work (a LoRA update) costs no pass of its own, and no
+/// thread ever waits for another to finish it.
+pub fn forward_rows_beside<T: Send + Sync>(
+    mats: &[&QMatrix],
+    xs: &[f32],
+    m: usize,
+    beside: &Beside<T>,
+) -> Result<(Vec<Vec<f32>>, T)> {
+    let (outs, value) = forward_rows_with(Kernel::detect(), mats, xs, m, Some(beside))?;
+    Ok((outs, value.expect("the pass runs every task")))
+}
+
+fn forward_rows_with<T: Send + Sync>(
     kernel: Kernel,
     mats: &[&QMatrix],
     xs: &[f32],
     m: usize,
-) -> Result<Vec<Vec<f32>>> {
+    beside: Option<&Beside<T>>,
+) -> Result<(Vec<Vec<f32>>, Option<T>)> {
     let k = xs.len() / m.max(1);
     for mat in mats {
         if k != mat.cols || xs.len() != m * k {
@@ -266,20 +285,32 @@ fn forward_rows_with(
     let acts = quantize_rows(xs);
     let rows: Vec<&[BlockQ8]> = acts.chunks_exact(k / BLOCK).collect();
     // Tasks of up to 256 weight rows (a multiple of 16, so the 512-bit
-    // kernels never fall back to eight rows mid-matrix), several per thread.
+    // kernels never fall back to eight rows mid-matrix), several per thread;
+    // `beside` first (None), so the thread that starts the pass takes it
+    // while the others take the matrices.
     let threads = rayon::current_num_threads();
     let mut tasks = Vec::new();
+    if beside.is_some() {
+        tasks.push(None);
+    }
     for (mi, mat) in mats.iter().enumerate() {
         let per_task = (mat.rows / (threads * 8))
             .clamp(16, 256)
             .next_multiple_of(16);
         for first in (0..mat.rows).step_by(per_task) {
-            tasks.push((mi, first, per_task.min(mat.rows - first)));
+            tasks.push(Some((mi, first, per_task.min(mat.rows - first))));
         }
     }
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|mat| vec![0f32; m * mat.rows]).collect();
     let targets: Vec<OutColumns> = outs.iter_mut().map(|o| OutColumns::new(o)).collect();
-    tasks.par_iter().for_each(|&(mi, first, cols)| {
+    let beside_out = std::sync::OnceLock::new();
+    tasks.par_iter().for_each(|&task| {
+        let Some((mi, first, cols)) = task else {
+            if let Some(beside) = beside {
+                let _ = beside_out.set(beside());
+            }
+            return;
+        };
         LOCAL.with_borrow_mut(|local| {
             local.clear();
             local.resize(m * cols, 0.0);
@@ -292,7 +323,7 @@ fn forward_rows_with(
             }
         });
     });
-    Ok(outs)
+    Ok((outs, beside_out.into_inner()))
 }
 
 thread_local! {
