@@ -513,7 +513,7 @@ impl LoraSet {
     /// of every cache. Fetched on demand by the update's own loads, they
     /// cost 2.5-3.6 µs per layer. Plain loads, one per cache line, run many
     /// misses at once; the task that computes the update runs them first
-    /// (0.9-1.6 µs per layer). Prefetch instructions issued just before did
+    /// (0.9-1.7 µs per layer). Prefetch instructions issued just before did
     /// not help (most were lost: the pages had also left the TLB); issued a
     /// layer ahead they cut this to 0.9-1.0 µs, but steps were not faster
     /// beyond the noise, so they are not used.

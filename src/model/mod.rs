@@ -220,8 +220,8 @@ impl Model {
     /// The deltas run as one more task of the projections' parallel pass
     /// (see [`qmatmul::forward_rows_beside`]). The thread that starts the
     /// pass takes it first and reads the layer's LoRA weights, a latency-
-    /// bound walk, while the other worker streams base weights; and no
-    /// thread ever waits for another to finish it.
+    /// bound walk, while the other worker streams base weights. No thread
+    /// waits on it apart from the pass's own end, as for any task.
     #[allow(clippy::too_many_arguments)]
     fn project_rows(
         &self,

@@ -258,7 +258,7 @@ pub type Beside<'a, T> = dyn Fn() -> T + Sync + 'a;
 /// As `forward_rows`, with `beside` run as one more task of the same
 /// parallel pass, ahead of the matrices' tasks, by whichever thread gets
 /// to it: small work (a LoRA update) costs no pass of its own, and no
-/// thread ever waits for another to finish it.
+/// thread waits on it apart from the pass's own end, as for any task.
 pub fn forward_rows_beside<T: Send + Sync>(
     mats: &[&QMatrix],
     xs: &[f32],
