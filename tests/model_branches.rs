@@ -18,8 +18,8 @@ fn random_lora(model: &Model) -> LoraSet {
         let b = Tensor::randn(0f32, 0.1, (out, 4), &dev).unwrap();
         Lora::new(&a, &b, 2.0).unwrap()
     };
-    LoraSet {
-        layers: (0..cfg.num_layers)
+    LoraSet::new(
+        (0..cfg.num_layers)
             .map(|_| {
                 let mut projs: [Option<Lora>; 7] = Default::default();
                 projs[ProjKind::Q.index()] = Some(lora(q_out));
@@ -27,7 +27,7 @@ fn random_lora(model: &Model) -> LoraSet {
                 projs
             })
             .collect(),
-    }
+    )
 }
 
 /// Runs one step; returns each segment's logits as rows.

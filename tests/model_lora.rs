@@ -51,8 +51,8 @@ fn random_updates(model: &Model) -> Vec<Vec<(ProjKind, Tensor, Tensor)>> {
 }
 
 fn lora_set(updates: &[Vec<(ProjKind, Tensor, Tensor)>]) -> LoraSet {
-    LoraSet {
-        layers: updates
+    LoraSet::new(
+        updates
             .iter()
             .map(|layer| {
                 let mut projs: [Option<Lora>; 7] = Default::default();
@@ -62,7 +62,7 @@ fn lora_set(updates: &[Vec<(ProjKind, Tensor, Tensor)>]) -> LoraSet {
                 projs
             })
             .collect(),
-    }
+    )
 }
 
 /// `w` (a weight by its Hugging Face name) with its update, scale · B A,

@@ -237,18 +237,20 @@ impl Model {
         if !has_lora(l, segs, kinds) {
             return linear::forward_many_rows(&projs, x, xs);
         }
+        let rows: usize = spans.iter().sum();
         let update = || {
             for set in distinct_lora_sets(segs) {
                 set.warm(l);
             }
-            lora_deltas(l, xs, segs, spans, kinds)
+            lora_deltas(l, xs, segs, spans, kinds, SPARE_DELTAS.take())
         };
         let (mut ys, deltas) = linear::forward_many_rows_beside(&projs, x, xs, &update)?;
-        for (y, delta) in ys.iter_mut().zip(deltas) {
-            if let Some(delta) = delta {
-                y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
+        for (y, part) in ys.iter_mut().zip(delta_parts(l, segs, rows, kinds)) {
+            if let Some(part) = part {
+                y.iter_mut().zip(&deltas[part]).for_each(|(y, d)| *y += d);
             }
         }
+        SPARE_DELTAS.set(deltas);
         Ok(ys)
     }
 
@@ -398,14 +400,14 @@ struct SegRows {
 }
 
 /// Each adapter's LoRA set once, however many segments use it.
-fn distinct_lora_sets<'a>(segs: &[Segment<'a>]) -> Vec<&'a LoraSet> {
-    let mut sets: Vec<&LoraSet> = Vec::new();
-    for set in segs.iter().filter_map(|s| s.lora) {
-        if !sets.iter().any(|&seen| std::ptr::eq(seen, set)) {
-            sets.push(set);
-        }
-    }
-    sets
+fn distinct_lora_sets<'a, 'b>(segs: &'b [Segment<'a>]) -> impl Iterator<Item = &'a LoraSet> + 'b {
+    segs.iter().enumerate().filter_map(|(i, seg)| {
+        let set = seg.lora?;
+        let seen = segs[..i]
+            .iter()
+            .any(|s| s.lora.is_some_and(|s| std::ptr::eq(s, set)));
+        (!seen).then_some(set)
+    })
 }
 
 /// Whether any segment's adapter has a LoRA on one of these projections.
@@ -416,55 +418,51 @@ fn has_lora(l: usize, segs: &[Segment], kinds: &[ProjKind]) -> bool {
     })
 }
 
+thread_local! {
+    /// The last delta buffer `project_rows` used, for the next one: fresh
+    /// allocations cost a decode step's update more than one would think
+    /// (see `lora::with_input`).
+    static SPARE_DELTAS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where `lora_deltas` puts each projection's deltas in its flat buffer:
+/// rows × out for each kind that some segment's adapter updates, in order;
+/// None for the others.
+fn delta_parts<'a>(
+    l: usize,
+    segs: &'a [Segment],
+    rows: usize,
+    kinds: &'a [ProjKind],
+) -> impl Iterator<Item = Option<std::ops::Range<usize>>> + 'a {
+    let mut end = 0;
+    kinds.iter().map(move |&kind| {
+        let lora = segs
+            .iter()
+            .find_map(|s| s.lora.and_then(|set| set.get(l, kind)))?;
+        let start = end;
+        end += rows * lora.out_dim();
+        Some(start..end)
+    })
+}
+
 /// Each segment's LoRA deltas on its rows of input `xs` (`spans`: rows per
-/// segment, branches included), per projection kind:
-/// None where no segment has one, else rows × out (zero on other segments'
-/// rows). Callers run this inside the projections' own parallel pass, so
-/// the deltas cost no pass of their own: a pass per layer for a few
-/// microseconds of work would let the other compute worker fall asleep and
-/// cost more than the deltas.
+/// segment, branches included), laid out as `delta_parts` says (zero on
+/// other segments' rows), in `buffer`'s memory. Callers run this inside
+/// the projections' own parallel pass, so the deltas cost no pass of their
+/// own: a pass per layer for a few microseconds of work would let the
+/// other compute worker fall asleep and cost more than the deltas.
 fn lora_deltas(
     l: usize,
     xs: &[f32],
     segs: &[Segment],
     spans: &[usize],
     kinds: &[ProjKind],
-) -> Vec<Option<Vec<f32>>> {
-    let mut deltas = lora_buffers(l, segs, spans.iter().sum(), kinds);
-    add_lora_deltas(l, xs, segs, spans, kinds, &mut deltas);
-    deltas
-}
-
-/// Zeroed delta buffers for `lora_deltas`: rows × out per projection kind
-/// that some segment's adapter updates, None for the others.
-fn lora_buffers(
-    l: usize,
-    segs: &[Segment],
-    rows: usize,
-    kinds: &[ProjKind],
-) -> Vec<Option<Vec<f32>>> {
-    kinds
-        .iter()
-        .map(|&kind| {
-            let lora = segs
-                .iter()
-                .find_map(|s| s.lora.and_then(|set| set.get(l, kind)))?;
-            Some(vec![0f32; rows * lora.out_dim()])
-        })
-        .collect()
-}
-
-/// Adds each segment's LoRA deltas on its rows of `xs` to `deltas`
-/// (from `lora_buffers`).
-fn add_lora_deltas(
-    l: usize,
-    xs: &[f32],
-    segs: &[Segment],
-    spans: &[usize],
-    kinds: &[ProjKind],
-    deltas: &mut [Option<Vec<f32>>],
-) {
+    mut buffer: Vec<f32>,
+) -> Vec<f32> {
     let rows: usize = spans.iter().sum();
+    let last = delta_parts(l, segs, rows, kinds).flatten().last();
+    buffer.clear();
+    buffer.resize(last.map_or(0, |part| part.end), 0.0);
     let width = xs.len() / rows.max(1);
     let mut offset = 0;
     for (seg, &len) in segs.iter().zip(spans) {
@@ -472,14 +470,24 @@ fn add_lora_deltas(
         if kinds.iter().any(|&kind| update_for(kind).is_some()) {
             // Quantized once for every projection that reads these rows;
             // rows without an adapter are left alone.
-            let input = lora::LoraInput::new(&xs[offset * width..(offset + len) * width], width);
-            for (&kind, delta) in kinds.iter().zip(deltas.iter_mut()) {
-                if let (Some(lora), Some(delta)) = (update_for(kind), delta) {
-                    let out = lora.out_dim();
-                    lora.add_quantized(&input, &mut delta[offset * out..(offset + len) * out]);
-                }
-            }
+            lora::with_input(
+                &xs[offset * width..(offset + len) * width],
+                width,
+                |input| {
+                    for (&kind, part) in kinds.iter().zip(delta_parts(l, segs, rows, kinds)) {
+                        if let (Some(lora), Some(part)) = (update_for(kind), part) {
+                            let out = lora.out_dim();
+                            let delta = &mut buffer[part];
+                            lora.add_quantized(
+                                input,
+                                &mut delta[offset * out..(offset + len) * out],
+                            );
+                        }
+                    }
+                },
+            );
         }
         offset += len;
     }
+    buffer
 }

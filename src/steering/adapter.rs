@@ -323,20 +323,18 @@ impl AdapterWeights {
         let lora = match &config.lora {
             None => None,
             Some(lc) => {
-                let mut set = LoraSet {
-                    layers: vec![Default::default(); cfg.num_layers],
-                };
+                let mut layers: Vec<[Option<Lora>; 7]> = vec![Default::default(); cfg.num_layers];
                 let scale = lc.alpha / lc.rank as f64;
-                for l in 0..cfg.num_layers {
+                for (l, projs) in layers.iter_mut().enumerate() {
                     for t in &lc.targets {
                         let kind = ProjKind::from_hf_name(t).context("unknown lora target")?;
                         let (out, inp) = cfg.proj_shape(kind);
                         let a = take(&lora_tensor_name(l, kind, "a"), &[lc.rank, inp])?;
                         let b = take(&lora_tensor_name(l, kind, "b"), &[out, lc.rank])?;
-                        set.layers[l][kind.index()] = Some(Lora::new(&a, &b, scale)?);
+                        projs[kind.index()] = Some(Lora::new(&a, &b, scale)?);
                     }
                 }
-                Some(set)
+                Some(LoraSet::new(layers))
             }
         };
         if let Some(extra) = tensors.keys().next() {
