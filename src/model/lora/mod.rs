@@ -409,8 +409,8 @@ impl LoraSet {
     /// of every cache. Fetched on demand by the update's own loads, they
     /// cost 2.5-3.6 µs per layer. Plain loads, one per cache line, run many
     /// misses at once; the task that computes the update runs them first.
-    /// With each update in allocations of its own, that took 0.9-1.7 µs per
-    /// layer; with the set in one block on a huge page, 0.36-0.83 µs.
+    /// With each update in allocations of its own, that took 0.54-1.7 µs
+    /// per layer; with the set in one block on a huge page, 0.36-0.83 µs.
     /// Prefetch instructions issued earlier (before the layer's norm, or a
     /// layer ahead) made this read faster still, but not the steps: the
     /// same lines still cross the same memory bus.
