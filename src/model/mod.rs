@@ -421,7 +421,8 @@ fn has_lora(l: usize, segs: &[Segment], kinds: &[ProjKind]) -> bool {
 thread_local! {
     /// The last delta buffer `project_rows` used, for the next one: fresh
     /// allocations cost a decode step's update more than one would think
-    /// (see `lora::with_input`).
+    /// (see `lora::with_input`). It keeps the size of the largest step
+    /// (a prefill chunk), a few megabytes at most.
     static SPARE_DELTAS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -460,9 +461,12 @@ fn lora_deltas(
     mut buffer: Vec<f32>,
 ) -> Vec<f32> {
     let rows: usize = spans.iter().sum();
-    let last = delta_parts(l, segs, rows, kinds).flatten().last();
+    let mut parts = [const { None }; ProjKind::ALL.len()];
+    for (part, at) in parts.iter_mut().zip(delta_parts(l, segs, rows, kinds)) {
+        *part = at;
+    }
     buffer.clear();
-    buffer.resize(last.map_or(0, |part| part.end), 0.0);
+    buffer.resize(parts.iter().flatten().map(|p| p.end).max().unwrap_or(0), 0.0);
     let width = xs.len() / rows.max(1);
     let mut offset = 0;
     for (seg, &len) in segs.iter().zip(spans) {
@@ -474,10 +478,10 @@ fn lora_deltas(
                 &xs[offset * width..(offset + len) * width],
                 width,
                 |input| {
-                    for (&kind, part) in kinds.iter().zip(delta_parts(l, segs, rows, kinds)) {
+                    for (&kind, part) in kinds.iter().zip(&parts) {
                         if let (Some(lora), Some(part)) = (update_for(kind), part) {
                             let out = lora.out_dim();
-                            let delta = &mut buffer[part];
+                            let delta = &mut buffer[part.clone()];
                             lora.add_quantized(
                                 input,
                                 &mut delta[offset * out..(offset + len) * out],

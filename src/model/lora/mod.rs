@@ -253,7 +253,7 @@ pub struct InputRow<'a> {
 
 thread_local! {
     /// The last input `with_input` quantized, whose memory the next one
-    /// reuses (see there).
+    /// reuses (see there); as large as the largest step (a prefill chunk).
     static SPARE_INPUT: std::cell::Cell<LoraInput> = std::cell::Cell::new(LoraInput::default());
 }
 
