@@ -237,17 +237,19 @@ impl Model {
         if !has_lora(l, segs, kinds) {
             return linear::forward_many_rows(&projs, x, xs);
         }
-        let rows: usize = spans.iter().sum();
+        let parts = delta_parts(l, segs, spans.iter().sum(), kinds);
         let update = || {
             for set in distinct_lora_sets(segs) {
                 set.warm(l);
             }
-            lora_deltas(l, xs, segs, spans, kinds, SPARE_DELTAS.take())
+            lora_deltas(l, xs, segs, spans, kinds, &parts, SPARE_DELTAS.take())
         };
         let (mut ys, deltas) = linear::forward_many_rows_beside(&projs, x, xs, &update)?;
-        for (y, part) in ys.iter_mut().zip(delta_parts(l, segs, rows, kinds)) {
+        for (y, part) in ys.iter_mut().zip(&parts) {
             if let Some(part) = part {
-                y.iter_mut().zip(&deltas[part]).for_each(|(y, d)| *y += d);
+                y.iter_mut()
+                    .zip(&deltas[part.clone()])
+                    .for_each(|(y, d)| *y += d);
             }
         }
         SPARE_DELTAS.set(deltas);
@@ -426,30 +428,30 @@ thread_local! {
     static SPARE_DELTAS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Where `lora_deltas` puts each projection's deltas in its flat buffer:
-/// rows × out for each kind that some segment's adapter updates, in order;
-/// None for the others.
-fn delta_parts<'a>(
-    l: usize,
-    segs: &'a [Segment],
-    rows: usize,
-    kinds: &'a [ProjKind],
-) -> impl Iterator<Item = Option<std::ops::Range<usize>>> + 'a {
+/// Where `lora_deltas` puts each projection's deltas in its flat buffer,
+/// by position in `kinds`: rows × out for each kind that some segment's
+/// adapter updates, in order; None for the others.
+type DeltaParts = [Option<std::ops::Range<usize>>; ProjKind::ALL.len()];
+
+fn delta_parts(l: usize, segs: &[Segment], rows: usize, kinds: &[ProjKind]) -> DeltaParts {
+    let mut parts = DeltaParts::default();
     let mut end = 0;
-    kinds.iter().map(move |&kind| {
+    for (part, &kind) in parts.iter_mut().zip(kinds) {
         let lora = segs
             .iter()
-            .find_map(|s| s.lora.and_then(|set| set.get(l, kind)))?;
-        let start = end;
-        end += rows * lora.out_dim();
-        Some(start..end)
-    })
+            .find_map(|s| s.lora.and_then(|set| set.get(l, kind)));
+        if let Some(lora) = lora {
+            *part = Some(end..end + rows * lora.out_dim());
+            end += rows * lora.out_dim();
+        }
+    }
+    parts
 }
 
 /// Each segment's LoRA deltas on its rows of input `xs` (`spans`: rows per
-/// segment, branches included), laid out as `delta_parts` says (zero on
-/// other segments' rows), in `buffer`'s memory. Callers run this inside
-/// the projections' own parallel pass, so the deltas cost no pass of their
+/// segment, branches included), laid out as `parts` says (zero on other
+/// segments' rows), in `buffer`'s memory. Callers run this inside the
+/// projections' own parallel pass, so the deltas cost no pass of their
 /// own: a pass per layer for a few microseconds of work would let the
 /// other compute worker fall asleep and cost more than the deltas.
 fn lora_deltas(
@@ -458,15 +460,15 @@ fn lora_deltas(
     segs: &[Segment],
     spans: &[usize],
     kinds: &[ProjKind],
+    parts: &DeltaParts,
     mut buffer: Vec<f32>,
 ) -> Vec<f32> {
     let rows: usize = spans.iter().sum();
-    let mut parts = [const { None }; ProjKind::ALL.len()];
-    for (part, at) in parts.iter_mut().zip(delta_parts(l, segs, rows, kinds)) {
-        *part = at;
-    }
     buffer.clear();
-    buffer.resize(parts.iter().flatten().map(|p| p.end).max().unwrap_or(0), 0.0);
+    buffer.resize(
+        parts.iter().flatten().map(|p| p.end).max().unwrap_or(0),
+        0.0,
+    );
     let width = xs.len() / rows.max(1);
     let mut offset = 0;
     for (seg, &len) in segs.iter().zip(spans) {
@@ -478,7 +480,7 @@ fn lora_deltas(
                 &xs[offset * width..(offset + len) * width],
                 width,
                 |input| {
-                    for (&kind, part) in kinds.iter().zip(&parts) {
+                    for (&kind, part) in kinds.iter().zip(parts) {
                         if let (Some(lora), Some(part)) = (update_for(kind), part) {
                             let out = lora.out_dim();
                             let delta = &mut buffer[part.clone()];

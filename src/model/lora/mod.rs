@@ -346,27 +346,28 @@ impl LoraSet {
     /// Packs `layers[l][ProjKind::index()]`, layer after layer, each part on
     /// its own cache lines.
     pub fn new(layers: Vec<[Option<Lora>; 7]>) -> Self {
-        let mut end = 0;
-        let mut place = |bytes: usize| {
-            let start = end;
-            end = (start + bytes).next_multiple_of(64);
+        // The next part's bytes from `end`, which moves to the next line.
+        fn place(end: &mut usize, bytes: usize) -> Range<usize> {
+            let start = *end;
+            *end = (start + bytes).next_multiple_of(64);
             start..start + bytes
-        };
+        }
+        let mut end = 0;
         let mut layer_bytes = Vec::with_capacity(layers.len());
         let mut packed = Vec::with_capacity(layers.len());
         for projs in &layers {
-            let first = place(0).start;
+            let first = end;
             packed.push(projs.each_ref().map(|lora| {
                 lora.as_ref().map(|lora| Packed {
-                    a: place(lora.a.len()),
-                    a_scales: place(4 * lora.a_scales.len()),
-                    b_t: place(lora.b_t.len()),
-                    b_scales: place(4 * lora.b_scales.len()),
+                    a: place(&mut end, lora.a.len()),
+                    a_scales: place(&mut end, 4 * lora.a_scales.len()),
+                    b_t: place(&mut end, lora.b_t.len()),
+                    b_scales: place(&mut end, 4 * lora.b_scales.len()),
                     input: lora.input,
                     out: lora.out,
                 })
             }));
-            layer_bytes.push(first..place(0).start);
+            layer_bytes.push(first..end);
         }
         let mut store = Store::zeroed(end);
         let bytes = store.bytes_mut();

@@ -16,10 +16,9 @@ const LINE: usize = 64;
 
 /// A zeroed block of bytes, aligned as the module doc says.
 pub struct Store {
-    /// The allocation; the block is `len` bytes from `start`.
+    /// The allocation; the block is its bytes from `start` on.
     bytes: Vec<u8>,
     start: usize,
-    len: usize,
 }
 
 impl Store {
@@ -33,7 +32,7 @@ impl Store {
             advise_huge_pages(&mut bytes, start, span);
         }
         bytes.resize(start + len, 0);
-        Self { bytes, start, len }
+        Self { bytes, start }
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -47,7 +46,7 @@ impl Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Store({} bytes)", self.len)
+        write!(f, "Store({} bytes)", self.bytes().len())
     }
 }
 
