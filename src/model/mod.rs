@@ -416,7 +416,7 @@ fn distinct_lora_sets<'a, 'b>(segs: &'b [Segment<'a>]) -> impl Iterator<Item = &
 fn has_lora(l: usize, segs: &[Segment], kinds: &[ProjKind]) -> bool {
     segs.iter().any(|s| {
         s.lora
-            .is_some_and(|set| kinds.iter().any(|&k| set.get(l, k).is_some()))
+            .is_some_and(|set| kinds.iter().any(|&k| set.has(l, k)))
     })
 }
 

@@ -322,84 +322,123 @@ impl LoraInput {
 
 /// LoRA updates for every layer and projection of one adapter, packed in
 /// one block of memory (see the `store` module).
+///
+/// Every pass of every step asks the set which projections have an update,
+/// after the pass before has streamed a megabyte of base weights through
+/// the caches. So what those questions read is kept small: 14 bytes per
+/// layer, and one or two cache lines for a layer's updates. With a record
+/// of 88 bytes per layer and projection, a profile put 18 µs of each
+/// steered SmolLM2 decode step in these lookups, nearly all of it waiting
+/// on cache misses; with this layout, 4 µs.
 #[derive(Debug)]
 pub struct LoraSet {
-    /// layers[l][ProjKind::index()]: where each update's parts lie in `store`.
-    layers: Vec<[Option<Packed>; 7]>,
+    /// slots[l][ProjKind::index()]: 1 + the index in `updates` of that
+    /// projection's update, or 0 where it has none.
+    slots: Vec<[u16; 7]>,
+    /// Where each update lies in `store`, layer after layer.
+    updates: Vec<Packed>,
     /// Each layer's bytes in `store`.
     layer_bytes: Vec<Range<usize>>,
     store: Store,
 }
 
-/// Where one [`Lora`]'s parts lie in a [`LoraSet`]'s store.
-#[derive(Debug, Clone)]
+/// Where one [`Lora`] lies in a [`LoraSet`]'s store, and its shape.
+#[derive(Debug, Clone, Copy)]
 struct Packed {
-    a: Range<usize>,
-    a_scales: Range<usize>,
-    b_t: Range<usize>,
-    b_scales: Range<usize>,
-    input: usize,
-    out: usize,
+    at: usize,
+    rank_rows: u32,
+    input: u32,
+    out: u32,
 }
 
-impl LoraSet {
-    /// Packs `layers[l][ProjKind::index()]`, layer after layer, each part on
-    /// its own cache lines.
-    pub fn new(layers: Vec<[Option<Lora>; 7]>) -> Self {
+impl Packed {
+    /// The byte ranges of A, A's scales, Bᵀ and B's scales, in this order
+    /// from `at`, each starting on a cache line.
+    fn parts(&self) -> [Range<usize>; 4] {
         // The next part's bytes from `end`, which moves to the next line.
         fn place(end: &mut usize, bytes: usize) -> Range<usize> {
             let start = *end;
             *end = (start + bytes).next_multiple_of(64);
             start..start + bytes
         }
+        let rows = self.rank_rows as usize;
+        let width = (self.input as usize).next_multiple_of(CHUNK);
+        let out_width = (self.out as usize).next_multiple_of(OUT_STEP);
+        let mut end = self.at;
+        [
+            place(&mut end, rows * width),
+            place(&mut end, 4 * rows),
+            place(&mut end, rows * out_width),
+            place(&mut end, 4 * rows * out_width / OUT_STEP),
+        ]
+    }
+
+    /// Where the next update may start.
+    fn end(&self) -> usize {
+        self.parts()[3].end.next_multiple_of(64)
+    }
+}
+
+impl LoraSet {
+    /// Packs `layers[l][ProjKind::index()]`, layer after layer.
+    pub fn new(layers: Vec<[Option<Lora>; 7]>) -> Self {
         let mut end = 0;
+        let (mut slots, mut updates) = (Vec::new(), Vec::new());
         let mut layer_bytes = Vec::with_capacity(layers.len());
-        let mut packed = Vec::with_capacity(layers.len());
         for projs in &layers {
             let first = end;
-            packed.push(projs.each_ref().map(|lora| {
-                lora.as_ref().map(|lora| Packed {
-                    a: place(&mut end, lora.a.len()),
-                    a_scales: place(&mut end, 4 * lora.a_scales.len()),
-                    b_t: place(&mut end, lora.b_t.len()),
-                    b_scales: place(&mut end, 4 * lora.b_scales.len()),
-                    input: lora.input,
-                    out: lora.out,
-                })
+            slots.push(projs.each_ref().map(|lora| {
+                let Some(lora) = lora else { return 0 };
+                let shape = |n: usize| u32::try_from(n).expect("a LoRA dimension over 2^32");
+                let packed = Packed {
+                    at: end,
+                    rank_rows: shape(lora.a_scales.len()),
+                    input: shape(lora.input),
+                    out: shape(lora.out),
+                };
+                end = packed.end();
+                updates.push(packed);
+                u16::try_from(updates.len()).expect("over 65,535 LoRA updates")
             }));
             layer_bytes.push(first..end);
         }
         let mut store = Store::zeroed(end);
         let bytes = store.bytes_mut();
-        for (projs, places) in layers.iter().zip(&packed) {
-            for (lora, at) in projs.iter().zip(places) {
-                if let (Some(lora), Some(at)) = (lora, at) {
-                    bytes[at.a.clone()].copy_from_slice(&lora.a);
-                    bytes[at.b_t.clone()].copy_from_slice(bytemuck::cast_slice(&lora.b_t));
-                    bytes[at.a_scales.clone()]
-                        .copy_from_slice(bytemuck::cast_slice(&lora.a_scales));
-                    bytes[at.b_scales.clone()]
-                        .copy_from_slice(bytemuck::cast_slice(&lora.b_scales));
-                }
-            }
+        let loras = layers.iter().flatten().flatten();
+        for (lora, at) in loras.zip(&updates) {
+            let [a, a_scales, b_t, b_scales] = at.parts();
+            bytes[a].copy_from_slice(&lora.a);
+            bytes[a_scales].copy_from_slice(bytemuck::cast_slice(&lora.a_scales));
+            bytes[b_t].copy_from_slice(bytemuck::cast_slice(&lora.b_t));
+            bytes[b_scales].copy_from_slice(bytemuck::cast_slice(&lora.b_scales));
         }
         Self {
-            layers: packed,
+            slots,
+            updates,
             layer_bytes,
             store,
         }
     }
 
+    /// Whether this layer's projection has an update (reads 14 bytes).
+    pub fn has(&self, layer: usize, kind: ProjKind) -> bool {
+        self.slots
+            .get(layer)
+            .is_some_and(|slots| slots[kind.index()] != 0)
+    }
+
     pub fn get(&self, layer: usize, kind: ProjKind) -> Option<LoraView<'_>> {
-        let at = self.layers.get(layer)?[kind.index()].as_ref()?;
+        let slot = self.slots.get(layer)?[kind.index()].checked_sub(1)?;
+        let at = &self.updates[usize::from(slot)];
+        let [a, a_scales, b_t, b_scales] = at.parts();
         let bytes = self.store.bytes();
         Some(LoraView {
-            a: &bytes[at.a.clone()],
-            a_scales: bytemuck::cast_slice(&bytes[at.a_scales.clone()]),
-            b_t: bytemuck::cast_slice(&bytes[at.b_t.clone()]),
-            b_scales: bytemuck::cast_slice(&bytes[at.b_scales.clone()]),
-            input: at.input,
-            out: at.out,
+            a: &bytes[a],
+            a_scales: bytemuck::cast_slice(&bytes[a_scales]),
+            b_t: bytemuck::cast_slice(&bytes[b_t]),
+            b_scales: bytemuck::cast_slice(&bytes[b_scales]),
+            input: at.input as usize,
+            out: at.out as usize,
         })
     }
 
@@ -454,6 +493,7 @@ mod tests {
             .to_vec1::<f32>()?;
         for (l, projs) in layers.iter().enumerate() {
             for kind in ProjKind::ALL {
+                assert_eq!(set.has(l, kind), projs[kind.index()].is_some());
                 let (Some(lora), Some(view)) = (&projs[kind.index()], set.get(l, kind)) else {
                     assert!(projs[kind.index()].is_none() && set.get(l, kind).is_none());
                     continue;
