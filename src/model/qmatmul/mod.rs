@@ -303,11 +303,14 @@ fn forward_rows_with<T: Send + Sync>(
     }
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|mat| vec![0f32; m * mat.rows]).collect();
     let targets: Vec<OutColumns> = outs.iter_mut().map(|o| OutColumns::new(o)).collect();
-    let beside_out = std::sync::OnceLock::new();
+    // On cache lines of its own: the locals beside it are read by every
+    // worker, and setting it is an atomic write that would take their line
+    // away from them.
+    let beside_out = OwnLines(std::sync::OnceLock::new());
     tasks.par_iter().for_each(|&task| {
         let Some((mi, first, cols)) = task else {
             if let Some(beside) = beside {
-                let _ = beside_out.set(beside());
+                let _ = beside_out.0.set(beside());
             }
             return;
         };
@@ -323,8 +326,13 @@ fn forward_rows_with<T: Send + Sync>(
             }
         });
     });
-    Ok((outs, beside_out.into_inner()))
+    Ok((outs, beside_out.0.into_inner()))
 }
+
+/// A value alone on its cache lines (two: the CPU's adjacent-line
+/// prefetcher pairs them).
+#[repr(align(128))]
+struct OwnLines<T>(T);
 
 thread_local! {
     /// A task's outputs before they go to their columns, reused.
