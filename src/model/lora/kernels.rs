@@ -122,17 +122,24 @@ unsafe fn dots_avx512(a: &[u8], x: InputRow) -> [f32; 8] {
     acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
-/// y += Σ_i w[i] · b[i][at..at + 32], for eight rows of `b` (each
-/// `width` long).
-pub(super) fn add_group(b: &[i8], width: usize, at: usize, w: &[f32; 8], y: &mut [f32; OUT_STEP]) {
+/// y += Σ_i w[i] · b[i][at..at + 32] for each (w, y) of `rows`, with
+/// eight rows of `b` (each `width` long), widened once for all of them.
+pub(super) fn add_group_rows<'y>(
+    b: &[i8],
+    width: usize,
+    at: usize,
+    rows: impl Iterator<Item = ([f32; 8], &'y mut [f32; OUT_STEP])>,
+) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     {
         // SAFETY: the cfg guarantees the instructions; the loads are
         // 32 values at `i·width + at` with at + 32 ≤ width.
-        return unsafe { add_group_avx512(b, width, at, w, y) };
+        return unsafe { add_group_rows_avx512(b, width, at, rows) };
     }
     #[allow(unreachable_code)]
-    add_group_portable(b, width, at, w, y)
+    for (w, y) in rows {
+        add_group_portable(b, width, at, &w, y);
+    }
 }
 
 fn add_group_portable(b: &[i8], width: usize, at: usize, w: &[f32; 8], y: &mut [f32; OUT_STEP]) {
@@ -144,26 +151,34 @@ fn add_group_portable(b: &[i8], width: usize, at: usize, w: &[f32; 8], y: &mut [
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-unsafe fn add_group_avx512(
+unsafe fn add_group_rows_avx512<'y>(
     b: &[i8],
     width: usize,
     at: usize,
-    w: &[f32; 8],
-    y: &mut [f32; OUT_STEP],
+    rows: impl Iterator<Item = ([f32; 8], &'y mut [f32; OUT_STEP])>,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(at + OUT_STEP <= width && b.len() >= GROUP * width);
-    let mut lo = _mm512_loadu_ps(y.as_ptr());
-    let mut hi = _mm512_loadu_ps(y.as_ptr().add(16));
-    for (i, &w) in w.iter().enumerate() {
-        let p = b.as_ptr().add(i * width + at) as *const __m128i;
-        let widen = |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
-        let w = _mm512_set1_ps(w);
-        lo = _mm512_fmadd_ps(widen(p), w, lo);
-        hi = _mm512_fmadd_ps(widen(p.add(1)), w, hi);
+    // Sixteen values of row i of b from `half` · 16, as floats. Written out
+    // as plain arrays, the 16 registers stay registers (an array built by
+    // a closure went through the stack).
+    let widen = |i: usize, half: usize| {
+        let p = (b.as_ptr().add(i * width + at) as *const __m128i).add(half);
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)))
+    };
+    let lo_b = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| widen(i, 0));
+    let hi_b = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| widen(i, 1));
+    for (w, y) in rows {
+        let mut lo = _mm512_loadu_ps(y.as_ptr());
+        let mut hi = _mm512_loadu_ps(y.as_ptr().add(16));
+        for i in 0..GROUP {
+            let w = _mm512_set1_ps(w[i]);
+            lo = _mm512_fmadd_ps(lo_b[i], w, lo);
+            hi = _mm512_fmadd_ps(hi_b[i], w, hi);
+        }
+        _mm512_storeu_ps(y.as_mut_ptr(), lo);
+        _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
     }
-    _mm512_storeu_ps(y.as_mut_ptr(), lo);
-    _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
 }
 
 /// The vector kernels (where this CPU runs them) give what the portable
@@ -215,10 +230,14 @@ mod tests {
             .iter()
             .map(|v| (v * 127.0) as i8)
             .collect();
-        let w: [f32; 8] = std::array::from_fn(|i| i as f32 * 0.25 - 1.0);
-        let (mut y1, mut y2) = ([0.5f32; OUT_STEP], [0.5f32; OUT_STEP]);
-        add_group(&b, 2 * OUT_STEP, OUT_STEP, &w, &mut y1);
-        add_group_portable(&b, 2 * OUT_STEP, OUT_STEP, &w, &mut y2);
+        let w: [[f32; 8]; 3] =
+            std::array::from_fn(|r| std::array::from_fn(|i| (i + r) as f32 * 0.25 - 1.0));
+        let (mut y1, mut y2) = ([[0.5f32; OUT_STEP]; 3], [[0.5f32; OUT_STEP]; 3]);
+        add_group_rows(&b, 2 * OUT_STEP, OUT_STEP, w.into_iter().zip(&mut y1));
+        for (w, y) in w.iter().zip(&mut y2) {
+            add_group_portable(&b, 2 * OUT_STEP, OUT_STEP, w, y);
+        }
+        let (y1, y2) = (y1.as_flattened(), y2.as_flattened());
         for (p, q) in y1.iter().zip(y2) {
             assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
         }

@@ -162,20 +162,22 @@ impl LoraView<'_> {
     /// once for all the updates that share it.
     pub fn add_quantized(&self, x: &LoraInput, y: &mut [f32]) {
         debug_assert_eq!(x.width, self.input);
-        // On the stack for usual ranks: an allocation costs a decode
-        // step's update more than one would think (see `with_input`).
+        let (rows, rank) = (y.len() / self.out, self.rank_rows());
+        // On the stack for a decode step's row at usual ranks: an
+        // allocation costs a decode step's update more than one would
+        // think (see `with_input`).
         let (mut stack, mut heap) = ([0f32; 64], Vec::new());
-        let t = match self.rank_rows() {
+        let ts = match rows * rank {
             n if n <= stack.len() => &mut stack[..n],
             n => {
                 heap.resize(n, 0.0);
                 &mut heap[..]
             }
         };
-        for (r, yr) in y.chunks_exact_mut(self.out).enumerate() {
+        for (r, t) in ts.chunks_exact_mut(rank).enumerate() {
             self.down(x.row(r), t);
-            self.up(t, yr);
         }
+        self.up(ts, y);
     }
 
     /// t = scale · A x.
@@ -190,30 +192,40 @@ impl LoraView<'_> {
         }
     }
 
-    /// y += B t: Σ_r t[r] · row r of Bᵀ.
-    fn up(&self, t: &[f32], y: &mut [f32]) {
+    /// y += B t for each row of y and of ts (rows × rank rows): Σ_r t[r] ·
+    /// row r of Bᵀ. Each block of Bᵀ is widened to floats once for all the
+    /// rows, which a prompt's many rows need: widening cost more than the
+    /// products. Each output sees the same operations in the same order
+    /// whatever the number of rows.
+    fn up(&self, ts: &[f32], y: &mut [f32]) {
+        let rank = self.rank_rows();
         let width = self.out.next_multiple_of(OUT_STEP);
-        let (whole, tail) = y.as_chunks_mut::<OUT_STEP>();
-        let mut last = [0f32; OUT_STEP];
-        last[..tail.len()].copy_from_slice(tail);
         let blocks = width / OUT_STEP;
-        for (g, t) in t.chunks_exact(GROUP).enumerate() {
+        let whole = self.out / OUT_STEP;
+        for g in 0..rank / GROUP {
             let b = &self.b_t[g * GROUP * width..][..GROUP * width];
             let scales = &self.b_scales[g * GROUP * blocks..][..GROUP * blocks];
-            // Each row's weight for one block of outputs: t times the block's scale.
-            let weights = |i: usize| -> [f32; GROUP] {
-                std::array::from_fn(|j| t[j] * scales[j * blocks + i])
+            // A row's weights for one block of outputs: t times the block's scales.
+            let weights = |t: &[f32], i: usize| -> [f32; GROUP] {
+                std::array::from_fn(|j| t[g * GROUP + j] * scales[j * blocks + i])
             };
-            for (i, y) in whole.iter_mut().enumerate() {
-                kernels::add_group(b, width, i * OUT_STEP, &weights(i), y);
+            for i in 0..whole {
+                let rows = y.chunks_exact_mut(self.out).zip(ts.chunks_exact(rank));
+                let rows = rows.map(|(y, t)| (weights(t, i), &mut y.as_chunks_mut().0[i]));
+                kernels::add_group_rows(b, width, i * OUT_STEP, rows);
             }
-            if !tail.is_empty() {
-                let i = whole.len();
-                kernels::add_group(b, width, i * OUT_STEP, &weights(i), &mut last);
+            if whole < blocks {
+                // The partial last block, through a whole one.
+                for (y, t) in y.chunks_exact_mut(self.out).zip(ts.chunks_exact(rank)) {
+                    let tail = &mut y[whole * OUT_STEP..];
+                    let mut last = [0f32; OUT_STEP];
+                    last[..tail.len()].copy_from_slice(tail);
+                    let row = std::iter::once((weights(t, whole), &mut last));
+                    kernels::add_group_rows(b, width, whole * OUT_STEP, row);
+                    tail.copy_from_slice(&last[..tail.len()]);
+                }
             }
         }
-        let n = tail.len();
-        tail.copy_from_slice(&last[..n]);
     }
 }
 
@@ -509,6 +521,32 @@ mod tests {
             set.warm(l);
         }
         set.warm(3);
+        Ok(())
+    }
+
+    /// Many rows at once give exactly what each row gives alone: a
+    /// prompt's rows and a decode step's row see the same arithmetic,
+    /// whether the output ends on a whole block or not, at one group of
+    /// rank rows or two.
+    #[test]
+    fn rows_at_once_match_rows_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        for (input, out, rank) in [(576, 192, 8), (70, 45, 16)] {
+            let a = Tensor::randn(0f32, 0.05, (rank, input), &dev)?;
+            let b = Tensor::randn(0f32, 0.02, (out, rank), &dev)?;
+            let lora = Lora::new(&a, &b, 2.0)?;
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (11, input), &dev)?
+                .flatten_all()?
+                .to_vec1()?;
+            let mut together = vec![0.25f32; 11 * out];
+            lora.add_to(&x, &mut together);
+            for (r, expected) in together.chunks_exact(out).enumerate() {
+                let mut alone = vec![0.25f32; out];
+                lora.add_to(&x[r * input..][..input], &mut alone);
+                assert_eq!(alone, expected, "row {r} of {input}x{out}, rank {rank}");
+                assert!(alone.iter().any(|&v| v != 0.25));
+            }
+        }
         Ok(())
     }
 
