@@ -95,6 +95,54 @@ fn bench_reports_every_batch_size() {
     }
 }
 
+/// `bench --steering` without a name measures both generated adapters (with
+/// and without LoRA) over the number of pairs asked for; zero pairs is
+/// refused as a usage error.
+#[test]
+fn bench_measures_the_cost_of_steering() {
+    let model = common::tiny_gguf();
+    let model = model.to_str().unwrap();
+    let out = steerling()
+        .args(["bench", "--model", model, "--batch", "1", "--rounds", "1"])
+        .args([
+            "--no-baseline",
+            "--decode-tokens",
+            "4",
+            "--prefill-tokens",
+            "16",
+        ])
+        .args(["--steering-pairs", "3", "--steering"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for label in ["rank-8 q/v LoRA", "no LoRA"] {
+        let head = format!("steering (prior, {label}) vs off");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&head))
+            .unwrap_or_else(|| panic!("no {head:?} in {text}"));
+        assert!(line.contains("over 3 request pairs"), "{line}");
+        let ratio: f64 = line
+            .split(" = ")
+            .nth(1)
+            .and_then(|r| r.split('x').next())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no ratio in {line}"));
+        assert!(ratio > 0.2 && ratio < 5.0, "{line}");
+    }
+    let refused = steerling()
+        .args(["bench", "--model", model, "--steering-pairs", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--steering-pairs"));
+}
+
 #[test]
 fn train_writes_an_adapter_with_progress() {
     let model = common::tiny_gguf();

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Folder of adapters for --steering.
     #[arg(long, default_value = "adapters")]
     pub adapters: std::path::PathBuf,
+    /// Request pairs (steered, then off, or the other way round) per
+    /// --steering run.
+    #[arg(long, default_value_t = 96, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steering_pairs: u32,
     /// Also measure seconds per training step (SFT, then KL + KTO) on this
     /// training data (default: the shipped adapter's data).
     #[arg(long, value_name = "DATA", num_args = 0..=1,
@@ -92,6 +96,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &args.adapters,
             short,
             args.decode_tokens,
+            args.steering_pairs as usize,
         )?;
     }
     if let Some(data) = &args.training {
@@ -202,6 +207,7 @@ fn steering_cost(
     dir: &std::path::Path,
     prompt: &[u32],
     tokens: usize,
+    pairs: usize,
 ) -> Result<()> {
     use crate::steering::{BaseIdentity, Registry};
     let generated = tempfile_dir()?;
@@ -249,15 +255,14 @@ fn steering_cost(
             formatted = engine.tokenizer().encode(&text, false)?;
             &formatted[..]
         };
-        let rounds = 96;
         let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
         // Each pair runs back to back, so slow drifts of a shared machine
         // cancel in its ratio; the median ignores the pairs a burst hit.
-        let mut ratios = Vec::with_capacity(rounds);
+        let mut ratios = Vec::with_capacity(pairs);
         // Per pair, steered minus off: time to the first token, and the
         // mean time of each later token.
         let (mut first_gaps, mut token_gaps) = (Vec::new(), Vec::new());
-        for i in 0..rounds {
+        for i in 0..pairs {
             let mut pair = [Duration::ZERO; 2];
             let mut firsts = [Duration::ZERO; 2];
             for steer in [i % 2 == 0, i % 2 != 0] {
@@ -294,14 +299,14 @@ fn steering_cost(
         }
         ratios.sort_by(f64::total_cmp);
         println!(
-            "steering (prior, {label}) vs off, end-to-end latency over {rounds} request pairs of {} prompt + {tokens} generated tokens: {:.1} ms vs {:.1} ms = {:.3}x (pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
+            "steering (prior, {label}) vs off, end-to-end latency over {pairs} request pairs of {} prompt + {tokens} generated tokens: {:.1} ms vs {:.1} ms = {:.3}x (pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
             prompt.len(),
-            steered.as_secs_f64() * 1e3 / rounds as f64,
-            plain.as_secs_f64() * 1e3 / rounds as f64,
+            steered.as_secs_f64() * 1e3 / pairs as f64,
+            plain.as_secs_f64() * 1e3 / pairs as f64,
             steered.as_secs_f64() / plain.as_secs_f64(),
-            ratios[rounds / 2],
-            ratios[rounds / 4],
-            ratios[3 * rounds / 4],
+            ratios[pairs / 2],
+            ratios[pairs / 4],
+            ratios[3 * pairs / 4],
         );
         println!(
             "  of which: first token {:+.2} ms, each later token {:+.2}% (medians over the pairs)",
