@@ -8,26 +8,28 @@ fn steerling() -> Command {
     Command::new(env!("CARGO_BIN_EXE_steerling"))
 }
 
-#[test]
-fn generate_answers_paris_on_smollm2() {
-    common::smollm2();
-    // Written as in the README: \n escapes inside the quoted prompt.
-    let out = steerling()
-        .args([
-            "generate",
-            "--prompt",
-            r"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-            "--temperature",
-            "0",
-        ])
-        .output()
-        .unwrap();
+/// Runs `command`, which must succeed, and returns what it printed.
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn generate_answers_paris_on_smollm2() {
+    common::smollm2();
+    // Written as in the README: \n escapes inside the quoted prompt.
+    let text = stdout_of(steerling().args([
+        "generate",
+        "--prompt",
+        r"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "--temperature",
+        "0",
+    ]));
     assert!(text.contains("Paris"), "{text:?}");
 }
 
@@ -66,24 +68,15 @@ fn generate_refuses_a_prompt_longer_than_the_context() {
 #[test]
 fn bench_reports_every_batch_size() {
     let model = common::tiny_gguf();
-    let out = steerling()
-        .args([
-            "bench",
-            "--model",
-            model.to_str().unwrap(),
-            "--decode-tokens",
-            "8",
-            "--prefill-tokens",
-            "32",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = stdout_of(steerling().args([
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--decode-tokens",
+        "8",
+        "--prefill-tokens",
+        "32",
+    ]));
     for line in [
         "prefill:",
         "decode batch  1:",
@@ -102,24 +95,18 @@ fn bench_reports_every_batch_size() {
 fn bench_measures_the_cost_of_steering() {
     let model = common::tiny_gguf();
     let model = model.to_str().unwrap();
-    let out = steerling()
-        .args(["bench", "--model", model, "--batch", "1", "--rounds", "1"])
-        .args([
-            "--no-baseline",
-            "--decode-tokens",
-            "4",
-            "--prefill-tokens",
-            "16",
-        ])
-        .args(["--steering-pairs", "3", "--steering"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = stdout_of(
+        steerling()
+            .args(["bench", "--model", model, "--batch", "1", "--rounds", "1"])
+            .args([
+                "--no-baseline",
+                "--decode-tokens",
+                "4",
+                "--prefill-tokens",
+                "16",
+            ])
+            .args(["--steering-pairs", "3", "--steering"]),
     );
-    let text = String::from_utf8(out.stdout).unwrap();
     for label in ["rank-8 q/v LoRA", "no LoRA"] {
         let head = format!("steering (prior, {label}) vs off");
         let line = text
