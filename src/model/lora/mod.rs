@@ -194,8 +194,8 @@ impl LoraView<'_> {
 
     /// y += B t for each row of y and of ts (rows × rank rows): Σ_r t[r] ·
     /// row r of Bᵀ. Each block of Bᵀ is widened to floats once for all the
-    /// rows, which a prompt's many rows need: widening cost more than the
-    /// products. Each output sees the same operations in the same order
+    /// rows: per row, widening took three instructions for each product's
+    /// one. Each output sees the same operations in the same order
     /// whatever the number of rows.
     fn up(&self, ts: &[f32], y: &mut [f32]) {
         let rank = self.rank_rows();
