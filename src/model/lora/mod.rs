@@ -112,11 +112,6 @@ impl Lora {
         })
     }
 
-    /// Rows of the projection's output.
-    pub fn out_dim(&self) -> usize {
-        self.out
-    }
-
     #[cfg(test)]
     fn view(&self) -> LoraView<'_> {
         LoraView {
@@ -349,8 +344,6 @@ pub struct LoraSet {
     slots: Vec<[u16; 7]>,
     /// Where each update lies in `store`, layer after layer.
     updates: Vec<Packed>,
-    /// Each layer's bytes in `store`.
-    layer_bytes: Vec<Range<usize>>,
     store: Store,
 }
 
@@ -396,9 +389,7 @@ impl LoraSet {
     pub fn new(layers: Vec<[Option<Lora>; 7]>) -> Self {
         let mut end = 0;
         let (mut slots, mut updates) = (Vec::new(), Vec::new());
-        let mut layer_bytes = Vec::with_capacity(layers.len());
         for projs in &layers {
-            let first = end;
             slots.push(projs.each_ref().map(|lora| {
                 let Some(lora) = lora else { return 0 };
                 let shape = |n: usize| u32::try_from(n).expect("a LoRA dimension over 2^32");
@@ -412,7 +403,6 @@ impl LoraSet {
                 updates.push(packed);
                 u16::try_from(updates.len()).expect("over 65,535 LoRA updates")
             }));
-            layer_bytes.push(first..end);
         }
         let mut store = Store::zeroed(end);
         let bytes = store.bytes_mut();
@@ -427,7 +417,6 @@ impl LoraSet {
         Self {
             slots,
             updates,
-            layer_bytes,
             store,
         }
     }
@@ -467,10 +456,18 @@ impl LoraSet {
     /// layer ahead) made this read faster still, but not the steps: the
     /// same lines still cross the same memory bus.
     pub fn warm(&self, layer: usize) {
-        let Some(range) = self.layer_bytes.get(layer) else {
+        // A layer's updates lie together, in the order of its slots.
+        let Some(slots) = self.slots.get(layer) else {
             return;
         };
-        let bytes = &self.store.bytes()[range.clone()];
+        let mut packed = slots
+            .iter()
+            .filter_map(|&slot| Some(&self.updates[usize::from(slot.checked_sub(1)?)]));
+        let Some(first) = packed.next() else {
+            return;
+        };
+        let end = packed.next_back().unwrap_or(first).end();
+        let bytes = &self.store.bytes()[first.at..end];
         let sum = bytes
             .iter()
             .step_by(64)
@@ -566,7 +563,7 @@ mod tests {
                 .flatten_all()?
                 .to_vec1()?;
             let lora = Lora::new(&a, &b, 2.0)?;
-            assert_eq!(lora.out_dim(), out);
+            assert_eq!(lora.out, out);
             let mut y = vec![1f32; 3 * out];
             lora.add_to(&x.flatten_all()?.to_vec1()?, &mut y);
             let err = y
