@@ -1,5 +1,5 @@
 //! The row-by-row dot-product kernels (one weight row against up to four
-//! activation rows: scalar, AVX2, AVX-VNNI) and the choice of the best
+//! activation rows: scalar, AVX2, VNNI) and the choice of the best
 //! kernel this CPU has. The interleaved batch kernels are in `x8`.
 
 use super::{BlockQ4_1, BlockQ8, BlockQ8_0};
@@ -12,7 +12,8 @@ pub(super) enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     AvxVnni,
-    /// AVX-VNNI plus AVX-512 VNNI: interleaved pairs of groups in 512-bit registers.
+    /// AVX-512 VNNI: interleaved pairs of groups in 512-bit registers, and
+    /// its encoding of the 256-bit dot for the rest (AVX-VNNI not needed).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
@@ -62,9 +63,11 @@ impl Kernel {
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
             let vnni = avx2 && is_x86_feature_detected!("avxvnni");
-            let avx512 = vnni
+            // Not AVX-VNNI: AMD's Zen 4 has AVX-512 VNNI without it.
+            let avx512 = avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni");
             kernels.extend(
                 [
@@ -103,9 +106,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { dispatch_rows!(q4_1_avx2, w, acts, outs) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni | Kernel::Avx512Vnni => unsafe {
-                dispatch_rows!(q4_1_vnni, w, acts, outs)
-            },
+            Kernel::AvxVnni => unsafe { dispatch_rows!(q4_1_vnni, w, acts, outs) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { dispatch_rows!(q4_1_vnni_evex, w, acts, outs) },
         }
     }
 
@@ -119,9 +122,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { dispatch_rows!(q8_0_avx2, w, acts, outs) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni | Kernel::Avx512Vnni => unsafe {
-                dispatch_rows!(q8_0_vnni, w, acts, outs)
-            },
+            Kernel::AvxVnni => unsafe { dispatch_rows!(q8_0_vnni, w, acts, outs) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { dispatch_rows!(q8_0_vnni_evex, w, acts, outs) },
         }
     }
 }
@@ -201,6 +204,12 @@ mod simd {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
     }
 
+    /// `vnni` in AVX-512 VNNI's encoding.
+    #[inline(always)]
+    pub unsafe fn vnni_evex(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
+    }
+
     #[inline(always)]
     pub unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
         let packed = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
@@ -240,6 +249,14 @@ dot_rows_kernel!(
     simd::vnni
 );
 dot_rows_kernel!(
+    q4_1_vnni_evex,
+    BlockQ4_1,
+    "avx2,fma,avx512vnni,avx512vl",
+    |x: &BlockQ4_1| (simd::nibbles(&x.qs), x.m),
+    |a, _| a,
+    simd::vnni_evex
+);
+dot_rows_kernel!(
     q8_0_avx2,
     BlockQ8_0,
     "avx2,fma",
@@ -254,4 +271,12 @@ dot_rows_kernel!(
     |x: &BlockQ8_0| (simd::abs_i8(&x.qs), 0.0),
     |a, x: &BlockQ8_0| simd::sign_like(a, &x.qs),
     simd::vnni
+);
+dot_rows_kernel!(
+    q8_0_vnni_evex,
+    BlockQ8_0,
+    "avx2,fma,avx512vnni,avx512vl",
+    |x: &BlockQ8_0| (simd::abs_i8(&x.qs), 0.0),
+    |a, x: &BlockQ8_0| simd::sign_like(a, &x.qs),
+    simd::vnni_evex
 );

@@ -194,7 +194,9 @@ impl QMatrix {
         // 512-bit kernels pay off from about eight activation rows; below
         // that the 256-bit ones are faster (measured with `steerling bench`).
         #[cfg(target_arch = "x86_64")]
-        let wide = kernel == Kernel::Avx512Vnni && acts.len() >= WIDE_FROM_ROWS;
+        let evex = kernel == Kernel::Avx512Vnni;
+        #[cfg(target_arch = "x86_64")]
+        let wide = evex && acts.len() >= WIDE_FROM_ROWS;
         match &self.blocks {
             Blocks::Q4_1(b) => by_row(acts, first, cols, out, |c, a, o| {
                 kernel.dot_q4_1(&b[c * kb..][..kb], a, o)
@@ -211,7 +213,7 @@ impl QMatrix {
                 wide.then_some(|g: usize, a: &[&[BlockQ8]]| {
                     x16_dispatch!(q4_1_x16, &b[g * kb..][..kb], &b[(g + 1) * kb..][..kb], a)
                 }),
-                |g, a| x8_dispatch!(q4_1_x8, &b[g * kb..][..kb], a),
+                |g, a| x8_dispatch!(q4_1_x8, evex, &b[g * kb..][..kb], a),
             ),
             #[cfg(target_arch = "x86_64")]
             Blocks::Q8_0x8(b) => by_group(
@@ -222,7 +224,7 @@ impl QMatrix {
                 wide.then_some(|g: usize, a: &[&[BlockQ8]]| {
                     x16_dispatch!(q8_0_x16, &b[g * kb..][..kb], &b[(g + 1) * kb..][..kb], a)
                 }),
-                |g, a| x8_dispatch!(q8_0_x8, &b[g * kb..][..kb], a),
+                |g, a| x8_dispatch!(q8_0_x8, evex, &b[g * kb..][..kb], a),
             ),
         }
     }
@@ -444,15 +446,15 @@ fn by_group(
 /// Calls an eight-row kernel with 1..=4 activation rows.
 #[cfg(target_arch = "x86_64")]
 macro_rules! x8_dispatch {
-    ($f:ident, $w:expr, $acts:expr) => {{
-        let a = $acts;
+    ($f:ident, $evex:expr, $w:expr, $acts:expr) => {{
+        let (a, evex) = ($acts, $evex);
         let mut out = [[0f32; 8]; 4];
         unsafe {
             match a.len() {
-                4 => out = x8::$f::<4>($w, [a[0], a[1], a[2], a[3]]),
-                3 => out[..3].copy_from_slice(&x8::$f::<3>($w, [a[0], a[1], a[2]])),
-                2 => out[..2].copy_from_slice(&x8::$f::<2>($w, [a[0], a[1]])),
-                _ => out[..1].copy_from_slice(&x8::$f::<1>($w, [a[0]])),
+                4 => out = x8::$f::<4>(evex, $w, [a[0], a[1], a[2], a[3]]),
+                3 => out[..3].copy_from_slice(&x8::$f::<3>(evex, $w, [a[0], a[1], a[2]])),
+                2 => out[..2].copy_from_slice(&x8::$f::<2>(evex, $w, [a[0], a[1]])),
+                _ => out[..1].copy_from_slice(&x8::$f::<1>(evex, $w, [a[0]])),
             }
         }
         out

@@ -1,4 +1,4 @@
-//! Interleaved kernels for CPUs with AVX-VNNI: eight weight rows are stored
+//! Interleaved kernels for CPUs with VNNI: eight weight rows are stored
 //! side by side, four bytes of each per 32-byte register, so one `vpdpbusd`
 //! against four broadcast activation bytes advances eight outputs at once.
 //! Per 32 weights this needs a third of the instructions of the row-by-row
@@ -139,80 +139,126 @@ fn group_i32_signed(qs: &[i8; 32], g: usize) -> i32 {
     ])
 }
 
-/// Outputs of eight Q4_1 rows (one group, `kb` blocks) for R activation rows.
-#[target_feature(enable = "avx2,fma,avxvnni")]
-pub(super) unsafe fn q4_1_x8<const R: usize>(w: &[Q41x8], acts: [&[BlockQ8]; R]) -> [[f32; 8]; R] {
-    use std::arch::x86_64::*;
-    let low = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut mins = [_mm256_setzero_ps(); R];
-    for (b, x) in w.iter().enumerate() {
-        prefetch_ahead(x, w.len());
-        let d = _mm256_loadu_ps(x.d.as_ptr());
-        let m = _mm256_loadu_ps(x.m.as_ptr());
-        let mut lo = [_mm256_setzero_si256(); 4];
-        let mut hi = [_mm256_setzero_si256(); 4];
-        for g in 0..4 {
-            let packed = _mm256_loadu_si256(x.qs[g].as_ptr() as *const __m256i);
-            lo[g] = _mm256_and_si256(packed, low);
-            hi[g] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-        }
-        for r in 0..R {
-            let y = acts[r].get_unchecked(b);
-            let mut sum = _mm256_setzero_si256();
-            for g in 0..4 {
-                sum = _mm256_dpbusd_avx_epi32(
-                    sum,
-                    lo[g],
-                    _mm256_set1_epi32(group_i32_signed(&y.qs, g)),
-                );
-                sum = _mm256_dpbusd_avx_epi32(
-                    sum,
-                    hi[g],
-                    _mm256_set1_epi32(group_i32_signed(&y.qs, g + 4)),
-                );
+/// The eight-row kernels for one encoding of the 256-bit `vpdpbusd`:
+/// AVX-VNNI's, or AVX-512 VNNI's on CPUs that have only that one (AMD Zen
+/// 4, Intel's Ice Lake and Cascade Lake servers). Same instruction, same
+/// results.
+macro_rules! x8_kernels {
+    ($q4_1:ident, $q8_0:ident, $features:literal, $dot:path) => {
+        /// Outputs of eight Q4_1 rows (one group, `kb` blocks) for R activation rows.
+        #[target_feature(enable = $features)]
+        unsafe fn $q4_1<const R: usize>(w: &[Q41x8], acts: [&[BlockQ8]; R]) -> [[f32; 8]; R] {
+            use std::arch::x86_64::*;
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut mins = [_mm256_setzero_ps(); R];
+            for (b, x) in w.iter().enumerate() {
+                prefetch_ahead(x, w.len());
+                let d = _mm256_loadu_ps(x.d.as_ptr());
+                let m = _mm256_loadu_ps(x.m.as_ptr());
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for g in 0..4 {
+                    let packed = _mm256_loadu_si256(x.qs[g].as_ptr() as *const __m256i);
+                    lo[g] = _mm256_and_si256(packed, low);
+                    hi[g] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                }
+                for r in 0..R {
+                    let y = acts[r].get_unchecked(b);
+                    let mut sum = _mm256_setzero_si256();
+                    for g in 0..4 {
+                        sum = $dot(sum, lo[g], _mm256_set1_epi32(group_i32_signed(&y.qs, g)));
+                        sum = $dot(
+                            sum,
+                            hi[g],
+                            _mm256_set1_epi32(group_i32_signed(&y.qs, g + 4)),
+                        );
+                    }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r]);
+                    mins[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), mins[r]);
+                }
             }
-            let scale = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r]);
-            mins[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), mins[r]);
+            let mut out = [[0f32; 8]; R];
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], mins[r]));
+            }
+            out
         }
-    }
-    let mut out = [[0f32; 8]; R];
-    for r in 0..R {
-        _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], mins[r]));
-    }
-    out
+
+        /// Outputs of eight Q8_0 rows (one group, `kb` blocks) for R activation rows.
+        #[target_feature(enable = $features)]
+        unsafe fn $q8_0<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R]) -> [[f32; 8]; R] {
+            use std::arch::x86_64::*;
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, x) in w.iter().enumerate() {
+                prefetch_ahead(x, w.len());
+                let d = _mm256_loadu_ps(x.d.as_ptr());
+                let bias = _mm256_loadu_si256(x.bias.as_ptr() as *const __m256i);
+                let mut qs = [_mm256_setzero_si256(); 8];
+                for g in 0..8 {
+                    qs[g] = _mm256_loadu_si256(x.qs[g].as_ptr() as *const __m256i);
+                }
+                for r in 0..R {
+                    let y = acts[r].get_unchecked(b);
+                    let mut sum = _mm256_setzero_si256();
+                    for g in 0..8 {
+                        sum = $dot(sum, _mm256_set1_epi32(group_i32(&y.qu, g)), qs[g]);
+                    }
+                    let sum = _mm256_sub_epi32(sum, bias);
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r]);
+                }
+            }
+            let mut out = [[0f32; 8]; R];
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
+        }
+    };
 }
 
-/// Outputs of eight Q8_0 rows (one group, `kb` blocks) for R activation rows.
-#[target_feature(enable = "avx2,fma,avxvnni")]
-pub(super) unsafe fn q8_0_x8<const R: usize>(w: &[Q80x8], acts: [&[BlockQ8]; R]) -> [[f32; 8]; R] {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); R];
-    for (b, x) in w.iter().enumerate() {
-        prefetch_ahead(x, w.len());
-        let d = _mm256_loadu_ps(x.d.as_ptr());
-        let bias = _mm256_loadu_si256(x.bias.as_ptr() as *const __m256i);
-        let mut qs = [_mm256_setzero_si256(); 8];
-        for g in 0..8 {
-            qs[g] = _mm256_loadu_si256(x.qs[g].as_ptr() as *const __m256i);
-        }
-        for r in 0..R {
-            let y = acts[r].get_unchecked(b);
-            let mut sum = _mm256_setzero_si256();
-            for g in 0..8 {
-                sum = _mm256_dpbusd_avx_epi32(sum, _mm256_set1_epi32(group_i32(&y.qu, g)), qs[g]);
-            }
-            let sum = _mm256_sub_epi32(sum, bias);
-            let scale = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r]);
-        }
+x8_kernels!(
+    q4_1_x8_vex,
+    q8_0_x8_vex,
+    "avx2,fma,avxvnni",
+    std::arch::x86_64::_mm256_dpbusd_avx_epi32
+);
+x8_kernels!(
+    q4_1_x8_evex,
+    q8_0_x8_evex,
+    "avx2,fma,avx512vnni,avx512vl",
+    std::arch::x86_64::_mm256_dpbusd_epi32
+);
+
+/// Outputs of eight Q4_1 rows for R activation rows, in the AVX-512
+/// encoding when `evex` (the CPU has AVX-512 VNNI), else AVX-VNNI's.
+#[inline(always)]
+pub(super) unsafe fn q4_1_x8<const R: usize>(
+    evex: bool,
+    w: &[Q41x8],
+    acts: [&[BlockQ8]; R],
+) -> [[f32; 8]; R] {
+    if evex {
+        q4_1_x8_evex(w, acts)
+    } else {
+        q4_1_x8_vex(w, acts)
     }
-    let mut out = [[0f32; 8]; R];
-    for r in 0..R {
-        _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+}
+
+/// As [`q4_1_x8`], for eight Q8_0 rows.
+#[inline(always)]
+pub(super) unsafe fn q8_0_x8<const R: usize>(
+    evex: bool,
+    w: &[Q80x8],
+    acts: [&[BlockQ8]; R],
+) -> [[f32; 8]; R] {
+    if evex {
+        q8_0_x8_evex(w, acts)
+    } else {
+        q8_0_x8_vex(w, acts)
     }
-    out
 }
 
 /// Asks for the block `ahead` blocks after `block` to be brought into cache:
