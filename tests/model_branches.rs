@@ -5,7 +5,9 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::segment;
-use steerling::model::{load_model, Lora, LoraSet, Model, ModelSource, ProjKind, Segment};
+use steerling::model::{
+    load_model, LoadedModel, Logits, Lora, LoraSet, Model, ModelSource, ProjKind, Segment,
+};
 
 /// Random rank-4 LoRA on q and v of every layer.
 fn random_lora(model: &Model) -> LoraSet {
@@ -30,13 +32,24 @@ fn random_lora(model: &Model) -> LoraSet {
     )
 }
 
+/// The tiny model, a random LoRA for it, and a prompt.
+fn tiny_with_lora() -> (LoadedModel, LoraSet, Vec<u32>) {
+    let loaded = load_model(&ModelSource::from_path(&common::tiny_gguf()).unwrap(), 256).unwrap();
+    let lora = random_lora(&loaded.model);
+    let prompt = loaded
+        .tokenizer
+        .encode("The nurse said that she", true)
+        .unwrap();
+    (loaded, lora, prompt)
+}
+
 /// Runs one step; returns each segment's logits as rows.
 fn step(model: &Model, segs: &mut [Segment]) -> Vec<Vec<Vec<f32>>> {
     model
         .forward(segs)
         .unwrap()
         .into_iter()
-        .map(|t| t.to_vec2::<f32>().unwrap())
+        .map(|out| out.rows.to_vec2::<f32>().unwrap())
         .collect()
 }
 
@@ -51,13 +64,8 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn branches_match_feeding_each_candidate_after_the_rows() {
-    let loaded = load_model(&ModelSource::from_path(&common::tiny_gguf()).unwrap(), 256).unwrap();
+    let (loaded, lora, prompt) = tiny_with_lora();
     let model = &loaded.model;
-    let lora = random_lora(model);
-    let prompt = loaded
-        .tokenizer
-        .encode("The nurse said that she", true)
-        .unwrap();
     let other_prompt = loaded.tokenizer.encode("Hello there", true).unwrap();
     let candidates = [5u32, 9, 13];
     let candidate_rows = model.embed_tokens(&candidates).unwrap();
@@ -112,4 +120,57 @@ fn branches_match_feeding_each_candidate_after_the_rows() {
         );
     }
     assert!(branched.clone().keep_branch(candidates.len()).is_err());
+}
+
+/// A step that draws: the prompt's last row is scored against the extra
+/// head (an adapter's steering tokens) and not over the vocabulary, while
+/// its branch rows get their vocabulary logits as usual.
+#[test]
+fn a_drawing_row_is_scored_against_the_extra_head_only() {
+    let (loaded, lora, prompt) = tiny_with_lora();
+    let model = &loaded.model;
+    // The tied head's own rows for two of the prompt's tokens (some ids
+    // have zero rows): as an extra head, they must score the last row as
+    // the vocabulary head scores those tokens.
+    let tokens = [prompt[1], prompt[2]];
+    let ids = Tensor::new(&tokens[..], &Device::Cpu).unwrap();
+    let extra_head = model.embeddings().index_select(&ids, 0).unwrap();
+    let candidate_rows = model.embed_tokens(&[13, 17]).unwrap();
+
+    let mut cache = model.new_cache();
+    let mut seg = segment(model, &prompt, &mut cache, Some(&lora));
+    seg.extra_head = Some(&extra_head);
+    let last = model.forward(&mut [seg]).unwrap().remove(0);
+    let vocab_row = last.rows.to_vec2::<f32>().unwrap().remove(0);
+    let extra = last.extra.expect("the extra head's logits");
+    let scale = vocab_row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (&token, &got) in tokens.iter().zip(&extra) {
+        let want = vocab_row[token as usize];
+        // The vocabulary head runs on 8-bit activations; the extra head on floats.
+        assert!(
+            (got - want).abs() <= 0.02 * scale,
+            "token {token}: {got} against {want} (scale {scale})"
+        );
+    }
+
+    let (mut drawing, mut other) = (model.new_cache(), model.new_cache());
+    let mut seg = segment(model, &prompt, &mut drawing, Some(&lora));
+    seg.extra_head = Some(&extra_head);
+    seg.logits = Logits::None;
+    seg.branches = Some(&candidate_rows);
+    let out = model
+        .forward(&mut [segment(model, &[7, 8], &mut other, None), seg])
+        .unwrap();
+    assert!(out[0].extra.is_none(), "no extra head, no extra logits");
+    assert_eq!(out[0].rows.dims(), &[1, model.config.vocab_size]);
+    assert_eq!(
+        out[1].rows.dims(),
+        &[2, model.config.vocab_size],
+        "the branch rows only"
+    );
+    assert_close(
+        out[1].extra.as_deref().unwrap(),
+        &extra,
+        "the drawing row's extra logits",
+    );
 }

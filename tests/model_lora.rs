@@ -114,7 +114,7 @@ fn logits(model: &Model, lora: Option<&LoraSet>) -> Vec<f32> {
         segment(model, &PROMPT, &mut with, lora),
     ];
     let out = model.forward(&mut segs).unwrap();
-    out[1].flatten_all().unwrap().to_vec1().unwrap()
+    out[1].rows.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn norm(v: impl Iterator<Item = f32>) -> f32 {

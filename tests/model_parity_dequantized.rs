@@ -25,6 +25,7 @@ fn smollm2_dequantized_matches_quantized_llama_within_1e_3() {
         branches: None,
     }];
     let ours: Vec<f32> = loaded.model.forward(&mut segs).unwrap()[0]
+        .rows
         .flatten_all()
         .unwrap()
         .to_vec1()

@@ -66,11 +66,9 @@ fn training_forward_matches_the_serving_model() {
         logits: Logits::Last,
         branches: None,
     }];
-    let serving: Vec<f32> = model.forward(&mut segs).unwrap()[0]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let out = model.forward(&mut segs).unwrap().remove(0);
+    let mut serving: Vec<f32> = out.rows.flatten_all().unwrap().to_vec1().unwrap();
+    serving.extend(out.extra.unwrap());
     assert_eq!(ours.len(), serving.len());
     let scale = serving.iter().fold(0f32, |m, v| m.max(v.abs()));
     let diff = ours

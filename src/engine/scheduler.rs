@@ -8,6 +8,7 @@ use super::{Crash, EngineConfig, EngineStats, Event, FinishReason, GenerateReque
 use crate::metrics as m;
 use crate::model::{KvCache, Logits, Model, Segment};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use anyhow::Context;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -106,6 +107,15 @@ fn embed(
 /// many: each is one more row of that step, and past a few rows they cost
 /// more than the forward step of its own that the drawn token needs otherwise.
 const MAX_BRANCHES: usize = 4;
+
+/// One sequence's logits from a step, as plain rows.
+struct StepOutput {
+    /// Over the vocabulary: the rows its `Logits` asked for, then one per
+    /// branch.
+    rows: Vec<Vec<f32>>,
+    /// The steering tokens' logits at the prompt's end, when it drew.
+    steering_logits: Option<Vec<f32>>,
+}
 
 /// One sequence's share of a step.
 struct Planned {
@@ -317,7 +327,7 @@ impl Scheduler {
         }
     }
 
-    fn forward(&mut self, plan: &[Planned]) -> anyhow::Result<Vec<Vec<Vec<f32>>>> {
+    fn forward(&mut self, plan: &[Planned]) -> anyhow::Result<Vec<StepOutput>> {
         let model = &self.model;
         let mut segments = Vec::with_capacity(plan.len());
         let mut next = plan.iter().peekable();
@@ -338,39 +348,48 @@ impl Scheduler {
             let branches = drawing
                 .filter(|a| a.config.attribute.values.len() <= MAX_BRANCHES)
                 .map(|a| &a.weights.embed);
+            // The row that completes a steered prompt only draws; the
+            // first answer token comes from the drawn value's branch row
+            // or, without branches, from the step that feeds its token.
+            let logits = match p.logits {
+                Logits::Last if drawing.is_some() => Logits::None,
+                other => other,
+            };
             segments.push(Segment {
                 embeds,
                 cache: &mut seq.cache,
                 lora: adapter.and_then(|a| a.weights.lora.as_ref()),
                 extra_head,
-                logits: p.logits,
+                logits,
                 branches,
             });
         }
         let logits = model.forward(&mut segments)?;
         logits
             .into_iter()
-            .map(|t| {
-                if t.elem_count() == 0 {
-                    Ok(Vec::new())
+            .map(|out| {
+                let rows = if out.rows.elem_count() == 0 {
+                    Vec::new()
                 } else {
-                    Ok(t.to_vec2::<f32>()?)
-                }
+                    out.rows.to_vec2::<f32>()?
+                };
+                Ok(StepOutput {
+                    rows,
+                    steering_logits: out.extra,
+                })
             })
             .collect()
     }
 
     /// Handles one sequence's logits: prompt log-probabilities, then the
     /// next token if the whole prompt is in.
-    fn consume(
-        &mut self,
-        p: &Planned,
-        start: usize,
-        mut rows: Vec<Vec<f32>>,
-    ) -> anyhow::Result<()> {
+    fn consume(&mut self, p: &Planned, start: usize, out: StepOutput) -> anyhow::Result<()> {
+        let StepOutput {
+            mut rows,
+            steering_logits,
+        } = out;
         let tokenizer = self.tokenizer.clone();
         let max_context = self.config.max_context;
-        let vocab = self.model.config.vocab_size;
         let seq = &mut self.running[p.index];
         // The steering tokens' rows, when they ran as branches of this step.
         let mut branch_rows = rows.split_off(rows.len() - seq.cache.branch_count());
@@ -378,11 +397,8 @@ impl Scheduler {
             for (i, row) in rows.iter().enumerate() {
                 let target = start + i + 1;
                 if target < seq.prompt_len {
-                    seq.prompt_logprobs.push(Some(logprob_of(
-                        &row[..vocab],
-                        seq.tokens[target],
-                        n,
-                    )));
+                    seq.prompt_logprobs
+                        .push(Some(logprob_of(row, seq.tokens[target], n)));
                 }
             }
             if seq.fed == seq.prompt_len {
@@ -397,12 +413,10 @@ impl Scheduler {
             seq.finish(&tokenizer, FinishReason::Length);
             return Ok(());
         }
-        let Some(mut last) = rows.into_iter().last() else {
-            return Ok(());
-        };
-        if seq.awaiting_draw() {
+        let mut last = if seq.awaiting_draw() {
+            let logits = steering_logits.context("no steering-token logits for the draw")?;
             let steering = seq.request.steering.as_mut().expect("steered");
-            let prior = steering.adapter.config.prior(&last[vocab..]);
+            let prior = steering.adapter.config.prior(&logits);
             let value = (steering.draw)(&prior);
             seq.tokens.push(steering.adapter.token_id(value));
             seq.hidden += 1;
@@ -413,9 +427,13 @@ impl Scheduler {
             }
             seq.cache.keep_branch(value)?;
             seq.fed += 1;
-            last = branch_rows.swap_remove(value);
-        }
-        last.truncate(vocab);
+            branch_rows.swap_remove(value)
+        } else {
+            let Some(last) = rows.pop() else {
+                return Ok(());
+            };
+            last
+        };
         let (token, logprob) = seq.sampler.sample(&mut last);
         seq.tokens.push(token);
         let now = Instant::now();

@@ -60,9 +60,11 @@ pub struct Segment<'a> {
     pub embeds: Tensor,
     pub cache: &'a mut KvCache,
     pub lora: Option<&'a LoraSet>,
-    /// Extra output rows (k, hidden) whose logits are appended after the
-    /// vocabulary's (an adapter's steering tokens).
+    /// Extra output rows (k, hidden), an adapter's steering tokens: the
+    /// segment's last row gets its logits against them alone
+    /// ([`SegmentLogits::extra`]), whatever `logits` asks of the vocabulary.
     pub extra_head: Option<&'a Tensor>,
+    /// Which rows get logits over the vocabulary (branch rows always do).
     pub logits: Logits,
     /// Candidate tokens for the position after this segment's rows, as
     /// (n, hidden) embeddings: each runs as one more row at that position,
@@ -73,6 +75,15 @@ pub struct Segment<'a> {
     /// tokens this way with the prompt's last chunk, so the drawn one costs
     /// no forward step of its own.
     pub branches: Option<&'a Tensor>,
+}
+
+/// One segment's logits from a step.
+pub struct SegmentLogits {
+    /// (n, vocab): the rows its `Logits` asks for, then one per branch;
+    /// (0, 0) when there are none.
+    pub rows: Tensor,
+    /// The last row's logits against the segment's `extra_head`, if any.
+    pub extra: Option<Vec<f32>>,
 }
 
 impl Model {
@@ -120,10 +131,9 @@ impl Model {
         self.head.weight.to_dense()
     }
 
-    /// Runs one step and returns, per segment, its logits (rows, vocab [+ extra]);
-    /// an empty tensor for segments that asked for none. On error, caches are
-    /// rolled back to where they were.
-    pub fn forward(&self, segs: &mut [Segment]) -> Result<Vec<Tensor>> {
+    /// Runs one step and returns each segment's logits. On error, caches
+    /// are rolled back to where they were.
+    pub fn forward(&self, segs: &mut [Segment]) -> Result<Vec<SegmentLogits>> {
         let starts: Vec<usize> = segs.iter().map(|s| s.cache.len()).collect();
         let result = self.forward_inner(segs, &starts);
         if result.is_err() {
@@ -134,7 +144,7 @@ impl Model {
         result
     }
 
-    fn forward_inner(&self, segs: &mut [Segment], starts: &[usize]) -> Result<Vec<Tensor>> {
+    fn forward_inner(&self, segs: &mut [Segment], starts: &[usize]) -> Result<Vec<SegmentLogits>> {
         let cfg = &self.config;
         let mut rows = Vec::with_capacity(segs.len());
         for (seg, &start) in segs.iter_mut().zip(starts) {
@@ -344,14 +354,24 @@ impl Model {
             .map_err(|_| anyhow::anyhow!("q/k/v projection count"))
     }
 
-    /// Final norm and head on the rows that need logits, one matmul for all.
-    /// A segment's logits: the rows its `Logits` asks for, then one per branch.
-    fn logits(&self, x: &Tensor, segs: &[Segment], rows: &[SegRows]) -> Result<Vec<Tensor>> {
-        let mut picked = Vec::new();
+    /// Final norm and head on the rows that need logits, one matmul for all;
+    /// each segment's last row against its extra head, if it has one.
+    ///
+    /// A steered prompt's last row needs only the steering tokens' logits
+    /// (for the prior), so the head, a pass over the whole vocabulary, runs
+    /// on its branch rows alone.
+    fn logits(&self, x: &Tensor, segs: &[Segment], rows: &[SegRows]) -> Result<Vec<SegmentLogits>> {
+        // Rows for the vocabulary, segment after segment; then the rows for
+        // extra heads.
+        let (mut picked, mut extra_rows) = (Vec::new(), Vec::new());
         let mut spans = Vec::with_capacity(segs.len());
         let mut offset = 0u32;
         for (seg, r) in segs.iter().zip(rows) {
             let (len, branches) = (r.len as u32, r.branches as u32);
+            ensure!(
+                len > 0 || (seg.logits != Logits::Last && seg.extra_head.is_none()),
+                "logits asked of a segment without rows"
+            );
             let mut wanted: Vec<u32> = match seg.logits {
                 Logits::None => vec![],
                 Logits::Last => vec![offset + len - 1],
@@ -360,32 +380,49 @@ impl Model {
             wanted.extend(offset + len..offset + len + branches);
             spans.push((picked.len(), wanted.len()));
             picked.extend(wanted);
+            if seg.extra_head.is_some() {
+                extra_rows.push(offset + len - 1);
+            }
             offset += len + branches;
         }
+        let vocab_rows = picked.len();
+        picked.extend(extra_rows);
+        let empty = || Tensor::zeros((0, 0), DType::F32, &self.device);
         if picked.is_empty() {
-            return Ok(segs
+            return segs
                 .iter()
-                .map(|_| Tensor::zeros((0, 0), DType::F32, &self.device))
-                .collect::<Result<_, _>>()?);
+                .map(|_| {
+                    Ok(SegmentLogits {
+                        rows: empty()?,
+                        extra: None,
+                    })
+                })
+                .collect();
         }
         let idx = Tensor::new(picked.as_slice(), &self.device)?;
         let hidden = x.index_select(&idx, 0)?;
         let hidden =
             candle_nn::ops::rms_norm(&hidden, &self.final_norm, self.config.rms_norm_eps as f32)?;
-        let logits = self.head.forward(&hidden)?;
+        let logits = match vocab_rows {
+            0 => None,
+            n => Some(self.head.forward(&hidden.narrow(0, 0, n)?)?),
+        };
+        let mut next_extra = vocab_rows;
         let mut result = Vec::with_capacity(segs.len());
         for (seg, (start, n)) in segs.iter().zip(spans) {
-            if n == 0 {
-                result.push(Tensor::zeros((0, 0), DType::F32, &self.device)?);
-                continue;
-            }
-            let mut seg_logits = logits.narrow(0, start, n)?;
-            if let Some(extra) = seg.extra_head {
-                let h = hidden.narrow(0, start, n)?;
-                let more = h.matmul(&extra.t()?)?;
-                seg_logits = Tensor::cat(&[&seg_logits, &more], 1)?;
-            }
-            result.push(seg_logits);
+            let rows = match &logits {
+                Some(logits) if n > 0 => logits.narrow(0, start, n)?,
+                _ => empty()?,
+            };
+            let extra = match seg.extra_head {
+                Some(head) => {
+                    let h = hidden.narrow(0, next_extra, 1)?;
+                    next_extra += 1;
+                    Some(h.matmul(&head.t()?)?.flatten_all()?.to_vec1()?)
+                }
+                None => None,
+            };
+            result.push(SegmentLogits { rows, extra });
         }
         Ok(result)
     }

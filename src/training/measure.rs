@@ -58,23 +58,28 @@ impl Measurement<'_> {
         }
     }
 
-    /// One forward step of one sequence; returns the last row's logits.
+    /// One forward step of one sequence: the last row's logits over the
+    /// vocabulary, or with `steering`, against the steering tokens only.
     fn step(
         &self,
         w: &AdapterWeights,
         cache: &mut KvCache,
         embeds: Tensor,
-        with_steering_logits: bool,
+        steering: bool,
     ) -> Result<Vec<f32>> {
-        let out = self.model.forward(&mut [Segment {
+        let mut out = self.model.forward(&mut [Segment {
             embeds,
             cache,
             lora: w.lora.as_ref(),
-            extra_head: with_steering_logits.then_some(&w.head),
-            logits: Logits::Last,
+            extra_head: steering.then_some(&w.head),
+            logits: if steering { Logits::None } else { Logits::Last },
             branches: None,
         }])?;
-        Ok(out[0].flatten_all()?.to_vec1()?)
+        let out = out.remove(0);
+        match out.extra {
+            Some(extra) => Ok(extra),
+            None => Ok(out.rows.flatten_all()?.to_vec1()?),
+        }
     }
 
     /// Mean MAE and mean KL against the measured prompts' targets of the
@@ -96,13 +101,12 @@ impl Measurement<'_> {
         w: &AdapterWeights,
         prompts: &[(Vec<u32>, Vec<f64>)],
     ) -> Result<Vec<Vec<f32>>> {
-        let (model, k) = (self.model, self.prep.steer_ids.len());
+        let model = self.model;
         prompts
             .iter()
             .map(|(ids, _)| {
                 let mut cache = model.new_cache();
-                let row = self.step(w, &mut cache, model.embed_tokens(ids)?, true)?;
-                Ok(row[row.len() - k..].to_vec())
+                self.step(w, &mut cache, model.embed_tokens(ids)?, true)
             })
             .collect()
     }
@@ -143,7 +147,7 @@ impl Measurement<'_> {
                 break;
             }
             let row = self.step(w, &mut cache, embeds, false)?;
-            let next = argmax(&row[..model.config.vocab_size]);
+            let next = argmax(&row);
             if self.tok.eos.contains(&next) {
                 break;
             }
