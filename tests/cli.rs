@@ -121,6 +121,21 @@ fn bench_measures_the_cost_of_steering() {
             .and_then(|r| r.parse().ok())
             .unwrap_or_else(|| panic!("no ratio in {line}"));
         assert!(ratio > 0.2 && ratio < 5.0, "{line}");
+        // The run's 95% interval holds its ratio.
+        let interval: Vec<f64> = line
+            .split("95% interval ")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .map(|r| {
+                r.split(" to ")
+                    .filter_map(|v| v.trim_end_matches('x').parse().ok())
+            })
+            .map(|vs| vs.collect())
+            .unwrap_or_default();
+        assert!(
+            interval.len() == 2 && interval[0] <= ratio && ratio <= interval[1],
+            "{line}"
+        );
     }
     let refused = steerling()
         .args(["bench", "--model", model, "--steering-pairs", "0"])

@@ -151,6 +151,35 @@ fn decode_rounds(engine: &Engine, prompt: &[u32], args: &BenchArgs) -> Result<Op
     Ok(single.map(|s| median(s)))
 }
 
+/// A 95% interval for the ratio of mean latencies, steered over off, from
+/// (steered, off) pairs: percentiles of the ratio over resamplings of the
+/// pairs (a bootstrap, seeded). It tells how far one run's figure may be
+/// from what the same conditions would give in a longer run; it does not
+/// cover drifts of a shared machine between runs.
+fn ratio_interval(pairs: &[(f64, f64)]) -> (f64, f64) {
+    use rand::{Rng, SeedableRng};
+    const RESAMPLES: usize = 2000;
+    if pairs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2604);
+    let mut ratios: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            let (mut steered, mut off) = (0.0, 0.0);
+            for _ in 0..pairs.len() {
+                let (s, o) = pairs[rng.random_range(0..pairs.len())];
+                (steered, off) = (steered + s, off + o);
+            }
+            steered / off
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    (
+        ratios[RESAMPLES * 25 / 1000],
+        ratios[RESAMPLES * 975 / 1000],
+    )
+}
+
 fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
@@ -259,6 +288,8 @@ fn steering_cost(
         // Each pair runs back to back, so slow drifts of a shared machine
         // cancel in its ratio; the median ignores the pairs a burst hit.
         let mut ratios = Vec::with_capacity(pairs);
+        // Per pair, (steered, off) seconds.
+        let mut latencies = Vec::with_capacity(pairs);
         // Per pair, steered minus off: time to the first token, and the
         // mean time of each later token.
         let (mut first_gaps, mut token_gaps) = (Vec::new(), Vec::new());
@@ -293,13 +324,15 @@ fn steering_cost(
                 firsts[usize::from(steer)] = first.unwrap_or(took);
             }
             ratios.push(pair[1].as_secs_f64() / pair[0].as_secs_f64());
+            latencies.push((pair[1].as_secs_f64(), pair[0].as_secs_f64()));
             let later = |i: usize| (pair[i] - firsts[i]).as_secs_f64() / (tokens - 1).max(1) as f64;
             first_gaps.push((firsts[1].as_secs_f64() - firsts[0].as_secs_f64()) * 1e3);
             token_gaps.push((later(1) / later(0) - 1.0) * 100.0);
         }
         ratios.sort_by(f64::total_cmp);
+        let (low, high) = ratio_interval(&latencies);
         println!(
-            "steering (prior, {label}) vs off, end-to-end latency over {pairs} request pairs of {} prompt + {tokens} generated tokens: {:.1} ms vs {:.1} ms = {:.3}x (pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
+            "steering (prior, {label}) vs off, end-to-end latency over {pairs} request pairs of {} prompt + {tokens} generated tokens: {:.1} ms vs {:.1} ms = {:.3}x (95% interval {low:.3}x to {high:.3}x; pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
             prompt.len(),
             steered.as_secs_f64() * 1e3 / pairs as f64,
             plain.as_secs_f64() * 1e3 / pairs as f64,
@@ -389,4 +422,39 @@ fn reference_decode(path: &std::path::Path, prompt: &[u32], tokens: usize) -> Re
         next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
     }
     Ok((tokens - 1) as f64 / start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ratio_interval;
+
+    #[test]
+    fn the_ratio_interval_is_as_wide_as_the_pairs_disagree() {
+        // Every pair 10% slower steered: no doubt about the ratio.
+        let same: Vec<(f64, f64)> = (1..=40).map(|i| (1.1 * i as f64, i as f64)).collect();
+        let (low, high) = ratio_interval(&same);
+        assert!(
+            (low - 1.1).abs() < 1e-12 && (high - 1.1).abs() < 1e-12,
+            "{low} {high}"
+        );
+        // Pairs at 1.0 and 1.2 in turn: the mean ratio is 1.1; the
+        // interval lies around it, inside the pairs' range, and narrows
+        // with four times the pairs (about by half).
+        let mixed = |n: usize| -> Vec<(f64, f64)> {
+            (0..n)
+                .map(|i| (if i % 2 == 0 { 1.0 } else { 1.2 }, 1.0))
+                .collect()
+        };
+        let (low, high) = ratio_interval(&mixed(40));
+        assert!(
+            1.0 < low && low < 1.1 && 1.1 < high && high < 1.2,
+            "{low} {high}"
+        );
+        let (low4, high4) = ratio_interval(&mixed(160));
+        let (wide, narrow) = (high - low, high4 - low4);
+        assert!(
+            narrow > 0.35 * wide && narrow < 0.65 * wide,
+            "{wide} {narrow}"
+        );
+    }
 }
