@@ -284,11 +284,9 @@ fn steering_cost(
             formatted = engine.tokenizer().encode(&text, false)?;
             &formatted[..]
         };
-        let (mut steered, mut plain) = (Duration::ZERO, Duration::ZERO);
-        // Each pair runs back to back, so slow drifts of a shared machine
-        // cancel in its ratio; the median ignores the pairs a burst hit.
-        let mut ratios = Vec::with_capacity(pairs);
-        // Per pair, (steered, off) seconds.
+        // Per pair, (steered, off) seconds. Each pair runs back to back, so
+        // slow drifts of a shared machine cancel in its ratio; the median
+        // ignores the pairs a burst hit.
         let mut latencies = Vec::with_capacity(pairs);
         // Per pair, steered minus off: time to the first token, and the
         // mean time of each later token.
@@ -306,37 +304,27 @@ fn steering_cost(
                         draw,
                     });
                 }
-                let start = Instant::now();
-                let mut events = engine.submit(r)?;
-                let mut first = None;
-                while let Some(e) = events.blocking_recv() {
-                    match e {
-                        Event::Error(e) => bail!(e),
-                        Event::Token { .. } => {
-                            first.get_or_insert_with(|| start.elapsed());
-                        }
-                        _ => {}
-                    }
-                }
-                let took = start.elapsed();
-                *if steer { &mut steered } else { &mut plain } += took;
+                let (first, took) = timed_request(engine, r)?;
                 pair[usize::from(steer)] = took;
-                firsts[usize::from(steer)] = first.unwrap_or(took);
+                firsts[usize::from(steer)] = first;
             }
-            ratios.push(pair[1].as_secs_f64() / pair[0].as_secs_f64());
             latencies.push((pair[1].as_secs_f64(), pair[0].as_secs_f64()));
             let later = |i: usize| (pair[i] - firsts[i]).as_secs_f64() / (tokens - 1).max(1) as f64;
             first_gaps.push((firsts[1].as_secs_f64() - firsts[0].as_secs_f64()) * 1e3);
             token_gaps.push((later(1) / later(0) - 1.0) * 100.0);
         }
+        let (steered, plain) = latencies
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (s, o)| (a + s, b + o));
+        let mut ratios: Vec<f64> = latencies.iter().map(|(s, o)| s / o).collect();
         ratios.sort_by(f64::total_cmp);
         let (low, high) = ratio_interval(&latencies);
         println!(
             "steering (prior, {label}) vs off, end-to-end latency over {pairs} request pairs of {} prompt + {tokens} generated tokens: {:.1} ms vs {:.1} ms = {:.3}x (95% interval {low:.3}x to {high:.3}x; pair ratios: median {:.3}x, quartiles {:.3}x to {:.3}x)",
             prompt.len(),
-            steered.as_secs_f64() * 1e3 / pairs as f64,
-            plain.as_secs_f64() * 1e3 / pairs as f64,
-            steered.as_secs_f64() / plain.as_secs_f64(),
+            steered * 1e3 / pairs as f64,
+            plain * 1e3 / pairs as f64,
+            steered / plain,
             ratios[pairs / 2],
             ratios[pairs / 4],
             ratios[3 * pairs / 4],
@@ -349,6 +337,25 @@ fn steering_cost(
     }
     let _ = std::fs::remove_dir_all(&generated);
     Ok(())
+}
+
+/// Runs one request to its end: the time to its first token (or to its
+/// end, if it has none) and to its end.
+fn timed_request(engine: &Engine, request: GenerateRequest) -> Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let mut events = engine.submit(request)?;
+    let mut first = None;
+    while let Some(e) = events.blocking_recv() {
+        match e {
+            Event::Error(e) => bail!(e),
+            Event::Token { .. } => {
+                first.get_or_insert_with(|| start.elapsed());
+            }
+            _ => {}
+        }
+    }
+    let took = start.elapsed();
+    Ok((first.unwrap_or(took), took))
 }
 
 /// Times training steps of each stage on the model (dequantized to f32, as

@@ -361,32 +361,7 @@ impl Model {
     /// (for the prior), so the head, a pass over the whole vocabulary, runs
     /// on its branch rows alone.
     fn logits(&self, x: &Tensor, segs: &[Segment], rows: &[SegRows]) -> Result<Vec<SegmentLogits>> {
-        // Rows for the vocabulary, segment after segment; then the rows for
-        // extra heads.
-        let (mut picked, mut extra_rows) = (Vec::new(), Vec::new());
-        let mut spans = Vec::with_capacity(segs.len());
-        let mut offset = 0u32;
-        for (seg, r) in segs.iter().zip(rows) {
-            let (len, branches) = (r.len as u32, r.branches as u32);
-            ensure!(
-                len > 0 || (seg.logits != Logits::Last && seg.extra_head.is_none()),
-                "logits asked of a segment without rows"
-            );
-            let mut wanted: Vec<u32> = match seg.logits {
-                Logits::None => vec![],
-                Logits::Last => vec![offset + len - 1],
-                Logits::All => (offset..offset + len).collect(),
-            };
-            wanted.extend(offset + len..offset + len + branches);
-            spans.push((picked.len(), wanted.len()));
-            picked.extend(wanted);
-            if seg.extra_head.is_some() {
-                extra_rows.push(offset + len - 1);
-            }
-            offset += len + branches;
-        }
-        let vocab_rows = picked.len();
-        picked.extend(extra_rows);
+        let (picked, spans, vocab_rows) = logit_rows(segs, rows)?;
         let empty = || Tensor::zeros((0, 0), DType::F32, &self.device);
         if picked.is_empty() {
             return segs
@@ -436,6 +411,41 @@ struct SegRows {
     start: usize,
     len: usize,
     branches: usize,
+}
+
+/// The rows of a step that need logits: for the vocabulary, segment after
+/// segment (the rows each `Logits` asks for, then its branches), then each
+/// extra head's row. Returns them, each segment's (start, count) among the
+/// vocabulary rows, and how many those are.
+fn logit_rows(
+    segs: &[Segment],
+    rows: &[SegRows],
+) -> Result<(Vec<u32>, Vec<(usize, usize)>, usize)> {
+    let (mut picked, mut extra_rows) = (Vec::new(), Vec::new());
+    let mut spans = Vec::with_capacity(segs.len());
+    let mut offset = 0u32;
+    for (seg, r) in segs.iter().zip(rows) {
+        let (len, branches) = (r.len as u32, r.branches as u32);
+        ensure!(
+            len > 0 || (seg.logits != Logits::Last && seg.extra_head.is_none()),
+            "logits asked of a segment without rows"
+        );
+        let mut wanted: Vec<u32> = match seg.logits {
+            Logits::None => vec![],
+            Logits::Last => vec![offset + len - 1],
+            Logits::All => (offset..offset + len).collect(),
+        };
+        wanted.extend(offset + len..offset + len + branches);
+        spans.push((picked.len(), wanted.len()));
+        picked.extend(wanted);
+        if seg.extra_head.is_some() {
+            extra_rows.push(offset + len - 1);
+        }
+        offset += len + branches;
+    }
+    let vocab_rows = picked.len();
+    picked.extend(extra_rows);
+    Ok((picked, spans, vocab_rows))
 }
 
 /// Each adapter's LoRA set once, however many segments use it.
