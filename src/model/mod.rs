@@ -247,14 +247,19 @@ impl Model {
         if !has_lora(l, segs, kinds) {
             return linear::forward_many_rows(&projs, x, xs);
         }
-        let parts = delta_parts(l, segs, spans.iter().sum(), kinds);
+        let rows = spans.iter().sum();
+        // The deltas' layout is worked out in the task too: its lookups into
+        // the adapter's set miss the cache as the weights do, and only the
+        // task runs beside the pass.
         let update = || {
             for set in distinct_lora_sets(segs) {
                 set.warm(l);
             }
-            lora_deltas(l, xs, segs, spans, kinds, &parts, SPARE_DELTAS.take())
+            let parts = delta_parts(l, segs, rows, kinds);
+            let deltas = lora_deltas(l, xs, segs, spans, kinds, &parts, SPARE_DELTAS.take());
+            (parts, deltas)
         };
-        let (mut ys, deltas) = linear::forward_many_rows_beside(&projs, x, xs, &update)?;
+        let (mut ys, (parts, deltas)) = linear::forward_many_rows_beside(&projs, x, xs, &update)?;
         for (y, part) in ys.iter_mut().zip(&parts) {
             if let Some(part) = part {
                 y.iter_mut()
