@@ -298,11 +298,15 @@ fn top_map(tok: &Tokenizer, lp: &TokenLogprob) -> HashMap<String, f32> {
         .collect()
 }
 
+/// An echoed prompt's token ids, and their log-probabilities where they
+/// were computed.
+type EchoedPrompt<'a> = (&'a [u32], Option<&'a [Option<TokenLogprob>]>);
+
 /// The legacy logprobs object; with echo, the prompt's tokens come first
 /// (the very first has no log-probability).
 fn completion_logprobs(
     tok: &Tokenizer,
-    prompt: Option<(&[u32], Option<&[Option<TokenLogprob>]>)>,
+    prompt: Option<EchoedPrompt>,
     tokens: &[u32],
     lps: &[Option<TokenLogprob>],
 ) -> CompletionLogprobs {
@@ -455,7 +459,7 @@ impl ChunkFormat for CompletionChunks {
                 completion_tokens,
             } => {
                 out.extend(self.echo_chunk(index, None));
-                if index % self.n == 0 {
+                if index.is_multiple_of(self.n) {
                     self.usage.prompt_tokens += prompt_tokens;
                 }
                 self.usage.completion_tokens += completion_tokens;

@@ -62,7 +62,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
 
 impl ModelConfig {
     pub fn check(&self) -> Result<()> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             bail!(
                 "invalid head counts: {} query heads, {} key/value heads",
@@ -70,7 +72,7 @@ impl ModelConfig {
                 self.num_kv_heads
             );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             bail!("invalid head dimension {}", self.head_dim);
         }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {

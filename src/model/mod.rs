@@ -366,7 +366,11 @@ impl Model {
     /// (for the prior), so the head, a pass over the whole vocabulary, runs
     /// on its branch rows alone.
     fn logits(&self, x: &Tensor, segs: &[Segment], rows: &[SegRows]) -> Result<Vec<SegmentLogits>> {
-        let (picked, spans, vocab_rows) = logit_rows(segs, rows)?;
+        let LogitRows {
+            picked,
+            spans,
+            vocab_rows,
+        } = logit_rows(segs, rows)?;
         let empty = || Tensor::zeros((0, 0), DType::F32, &self.device);
         if picked.is_empty() {
             return segs
@@ -418,14 +422,19 @@ struct SegRows {
     branches: usize,
 }
 
-/// The rows of a step that need logits: for the vocabulary, segment after
-/// segment (the rows each `Logits` asks for, then its branches), then each
-/// extra head's row. Returns them, each segment's (start, count) among the
-/// vocabulary rows, and how many those are.
-fn logit_rows(
-    segs: &[Segment],
-    rows: &[SegRows],
-) -> Result<(Vec<u32>, Vec<(usize, usize)>, usize)> {
+/// The rows of a step that need logits (see [`logit_rows`]).
+struct LogitRows {
+    /// For the vocabulary, segment after segment (the rows each `Logits`
+    /// asks for, then its branches); then each extra head's row.
+    picked: Vec<u32>,
+    /// Each segment's (start, count) among the vocabulary rows.
+    spans: Vec<(usize, usize)>,
+    /// How many of `picked` are vocabulary rows.
+    vocab_rows: usize,
+}
+
+/// The rows of a step that need logits, in the order [`LogitRows`] says.
+fn logit_rows(segs: &[Segment], rows: &[SegRows]) -> Result<LogitRows> {
     let (mut picked, mut extra_rows) = (Vec::new(), Vec::new());
     let mut spans = Vec::with_capacity(segs.len());
     let mut offset = 0u32;
@@ -450,7 +459,11 @@ fn logit_rows(
     }
     let vocab_rows = picked.len();
     picked.extend(extra_rows);
-    Ok((picked, spans, vocab_rows))
+    Ok(LogitRows {
+        picked,
+        spans,
+        vocab_rows,
+    })
 }
 
 /// Each adapter's LoRA set once, however many segments use it.

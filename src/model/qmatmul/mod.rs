@@ -127,7 +127,7 @@ impl QMatrix {
     /// The same matrix in the eight-row layout, where the CPU has AVX-VNNI.
     fn interleaved(self) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if self.rows % 8 == 0 {
+        if self.rows.is_multiple_of(8) {
             let kb = self.cols / BLOCK;
             let blocks = match &self.blocks {
                 Blocks::Q4_1(b) => Blocks::Q4_1x8(x8::pack_q4_1(b, self.rows, kb)),

@@ -353,6 +353,9 @@ pub(super) unsafe fn q4_1_x16<const R: usize>(
 }
 
 /// Sixteen Q8_0 rows (two adjacent groups) for R activation rows, AVX-512.
+/// Its eight groups are indexed as in the other kernels, where several
+/// arrays share the index.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 pub(super) unsafe fn q8_0_x16<const R: usize>(
     wa: &[Q80x8],
